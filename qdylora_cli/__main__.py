@@ -1,0 +1,3 @@
+from qdylora_cli.cli import main
+
+main()
