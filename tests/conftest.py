@@ -1,0 +1,35 @@
+"""Shared test setup: offline Hugging Face, quiet bitsandbytes, and the optional ../shared assets."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+STORIES260K = SHARED / "models" / "stories260K"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+ALPACA_1K = SHARED / "data" / "alpaca_1k.json"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the ../shared folder beside the checkout holds it)")
+    return path
+
+
+@pytest.fixture
+def stories260k() -> Path:
+    return _require(STORIES260K)
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    return _require(SHAKESPEARE)
+
+
+@pytest.fixture
+def alpaca_1k() -> Path:
+    return _require(ALPACA_1K)
