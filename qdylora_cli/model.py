@@ -1,0 +1,176 @@
+"""Load the tokenizer and base model, quantize it and add dynamic-rank adapters; rebuild a trained run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict
+from qdylora_cli.checkpoint import ADAPTER_CONFIG, load_adapter
+from qdylora_cli.errors import QdyloraError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_MODEL_DIR = "base_model"  # inside a run dir, for models built from a config
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise QdyloraError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    # transformers 5 renamed `torch_dtype=` to `dtype=`; 4.x only knows the old name.
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A tokenizer from a path or hub id (`byte` = the built-in byte tokenizer); pad falls back to EOS."""
+    if name_or_path == "byte":
+        from qdylora_cli.tiny import byte_tokenizer
+
+        tokenizer = byte_tokenizer()
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise QdyloraError(f"cannot load a tokenizer from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise QdyloraError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    name_or_path: str | None,
+    *,
+    dtype: torch.dtype,
+    config: dict[str, Any] | None = None,
+    init_seed: int = 0,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The float base model: built from `config` (fresh weights from `init_seed`) or loaded from a path/hub id."""
+    if config is not None:
+        config = dict(config)
+        hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = AutoModelForCausalLM.from_config(hf_config, **_dtype_kwarg(dtype))
+        return model
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, **_dtype_kwarg(dtype)
+        )
+    except (OSError, ValueError) as e:
+        raise QdyloraError(
+            f"model.name_or_path={name_or_path!r}: cannot load a causal LM ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute decoder activations in backward; non-reentrant so frozen inputs need no grad."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.18
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def build_training_model(cfg: Any, run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Tokenizer, quantized model with fresh adapters, and the metadata that rebuilds it later.
+
+    Models built from a config are saved to `run_dir/base_model` first, so eval and export
+    can rebuild the run without the recipe.
+    """
+    m = cfg.model
+    dtype = torch_dtype(m.dtype)
+    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+    model = load_base_model(
+        m.name_or_path, dtype=dtype, config=m.config, init_seed=m.init_seed, trust_remote_code=m.trust_remote_code
+    )
+    if m.config is not None:
+        base_ref = BASE_MODEL_DIR
+        base_dir = Path(run_dir) / BASE_MODEL_DIR
+        if not base_dir.exists():
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+    else:
+        local = Path(m.name_or_path).expanduser()
+        base_ref = str(local.resolve()) if local.exists() else m.name_or_path
+    a, q = cfg.adapter, cfg.quant
+    adapted = inject_adapters(
+        model,
+        r_max=a.r_max,
+        alpha=a.alpha,
+        dropout=a.dropout,
+        mode=a.mode,
+        variant=a.variant,
+        target_modules=tuple(a.target_modules),
+        quant=q.type,
+        double_quant=q.double_quant,
+        blocksize=q.blocksize,
+        compute_dtype=dtype,
+    )
+    meta = {
+        "base_model": base_ref,
+        "tokenizer": base_ref if m.config is not None else (m.tokenizer or base_ref),
+        "dtype": m.dtype,
+        "trust_remote_code": m.trust_remote_code,
+        "target_modules": adapted,
+        "r_max": a.r_max,
+        "alpha": a.alpha,
+        "dropout": a.dropout,
+        "mode": a.mode,
+        "variant": a.variant,
+        "quant": {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize},
+    }
+    return model, tokenizer, meta
+
+
+def _resolve(ref: str, run_dir: Path) -> str:
+    """Base-model references are relative to the run dir when they name its own `base_model/`."""
+    candidate = Path(run_dir) / ref
+    return str(candidate) if candidate.exists() else ref
+
+
+def load_run_model(
+    run_dir: Path, *, adapter_dir: Path | None = None, dtype: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Rebuild a trained run: base model, the same quantization and targets, and its adapter weights."""
+    run_dir = Path(run_dir)
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir / "adapter"
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise QdyloraError(f"{run_dir} has no finished adapter ({adapter_dir / ADAPTER_CONFIG} is missing)")
+    weights, meta = load_adapter(adapter_dir)
+    compute = torch_dtype(dtype or meta["dtype"])
+    tokenizer = load_tokenizer(_resolve(meta["tokenizer"], run_dir), trust_remote_code=meta["trust_remote_code"])
+    model = load_base_model(
+        _resolve(meta["base_model"], run_dir), dtype=compute, trust_remote_code=meta["trust_remote_code"]
+    )
+    q = meta["quant"]
+    inject_adapters(
+        model,
+        r_max=meta["r_max"],
+        alpha=meta["alpha"],
+        dropout=0.0,
+        mode=meta["mode"],
+        variant=meta["variant"],
+        target_modules=tuple(meta["target_modules"]),
+        quant=q["type"],
+        double_quant=q["double_quant"],
+        blocksize=q["blocksize"],
+        compute_dtype=compute,
+    )
+    load_adapter_state_dict(model, weights)
+    model.eval()
+    return model, tokenizer, meta
