@@ -1,0 +1,304 @@
+"""`qdylora train|eval|export [KEY=VALUE ...] [+recipe=NAME]`: compose the config, validate it, dispatch.
+
+Hydra has no subcommands, so each command is a primary config (`conf/train.yaml`, `eval.yaml`,
+`export.yaml`) composed with Hydra's compose API. Recipes are the `recipes/` folder: its parent is
+on Hydra's search path, and `+recipe=NAME` is passed on as `+recipes=NAME`. Everything is checked
+against the typed schema in config.py before the command's (torch-heavy) module is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from qdylora_cli import __version__
+from qdylora_cli.config import (
+    SCHEMAS,
+    EvalConfig,
+    ExportConfig,
+    TrainConfig,
+    load_run_config,
+    to_typed,
+    unknown_key_message,
+    validate_eval,
+    validate_export,
+    validate_train,
+)
+from qdylora_cli.errors import QdyloraError
+
+COMMANDS = {
+    "train": "fine-tune a model: one run trains every adapter rank 1..r_max",
+    "eval": "loss/perplexity (or task scores) of a trained run at many ranks",
+    "export": "one rank of a run as a PEFT adapter or a merged model",
+}
+MODULES = {"train": "qdylora_cli.train", "eval": "qdylora_cli.evaluate", "export": "qdylora_cli.export"}
+GROUPS = ("model", "data", "quant", "rank_schedule", "optimizer")
+_RECIPE = re.compile(r"^\+{0,2}recipe=(.*)$")
+
+
+# --- where configs live ------------------------------------------------------------------------------
+
+
+def config_root() -> Path:
+    """The folder holding `conf/` and `recipes/`: the installed package's copies first, else the checkout's."""
+    package = Path(__file__).resolve().parent
+    for root in (package, package.parent):
+        if (root / "conf" / "train.yaml").is_file():
+            return root
+    raise QdyloraError(f"qdylora's conf/ folder is missing from {package} and {package.parent}; reinstall qdylora")
+
+
+def _user_dir(config_dir: str | Path | None) -> Path | None:
+    if config_dir is None:
+        return None
+    path = Path(config_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise QdyloraError(f"--config-dir {config_dir}: no such directory")
+    return path
+
+
+def _yaml_names(*folders: Path) -> list[str]:
+    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
+
+
+def available_recipes(config_dir: str | Path | None = None) -> list[str]:
+    """Recipe names: the built-in ones and those in CONFIG_DIR/recipes."""
+    user = _user_dir(config_dir)
+    return _yaml_names(config_root() / "recipes", *([user / "recipes"] if user else []))
+
+
+def group_options(group: str, config_dir: str | Path | None = None) -> list[str]:
+    user = _user_dir(config_dir)
+    return _yaml_names(config_root() / "conf" / group, *([user / group] if user else []))
+
+
+# --- composition -------------------------------------------------------------------------------------
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value that keeps any path intact (spaces, commas, brackets)."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as e:
+            reason = str(e).splitlines()[0]
+            raise QdyloraError(f"malformed override {override!r}: {reason}; expected KEY=VALUE (lists as [a,b])") from None
+
+
+def _compose_raw(command: str, overrides: list[str], config_dir: str | Path | None) -> Any:
+    """The composed (untyped) DictConfig; Hydra's errors become one line each."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    root, user = config_root(), _user_dir(config_dir)
+    # The user's folder first, so its group options and recipes can shadow the built-in ones.
+    primary = user or root / "conf"
+    search = [root / "conf"] * (user is not None) + ([user] if user else []) + [root]
+    searchpath = "hydra.searchpath=[" + ",".join(_quote(f"file://{p}") for p in search) + "]"
+    try:
+        with initialize_config_dir(config_dir=str(primary), version_base="1.3", job_name="qdylora"):
+            return compose(config_name=command, overrides=[searchpath, *overrides])
+    except MissingConfigException as e:
+        raise QdyloraError(_missing_option_message(e)) from None
+    except ConfigCompositionException as e:
+        raise QdyloraError(_composition_message(command, e, overrides)) from None
+
+
+def _missing_option_message(e: Any) -> str:
+    m = re.search(r"Could not find '(.+?)/([^/']+)'", str(e))
+    if m and e.options:
+        group, option = m.group(1), m.group(2)
+        return f"{group}={option}: no such option; {group} has: {', '.join(sorted(e.options))}"
+    return str(e).splitlines()[0]
+
+
+def _composition_message(command: str, e: Exception, overrides: list[str]) -> str:
+    full_key = getattr(e.__cause__, "full_key", None)
+    if full_key:
+        data = [o for o in overrides if o.startswith("data.")]
+        if command == "eval" and full_key.split(".")[0] == "data" and data:
+            return f"{data[0]}: eval has no data section until you pick one, e.g. data=json {data[0]}"
+        return unknown_key_message(SCHEMAS[command], full_key)
+    return str(e).splitlines()[0]
+
+
+def _recipe(overrides: list[str], config_dir: str | Path | None) -> tuple[str | None, list[str]]:
+    """Split off `+recipe=NAME` (checked against the recipes on disk) from the other overrides."""
+    names = [m.group(1) for o in overrides if (m := _RECIPE.match(o))]
+    rest = [o for o in overrides if not _RECIPE.match(o)]
+    if len(names) > 1:
+        raise QdyloraError(f"one recipe at a time; got +recipe={' +recipe='.join(names)}")
+    if not names:
+        return None, rest
+    known = available_recipes(config_dir)
+    if names[0] not in known:
+        raise QdyloraError(f"unknown recipe {names[0]!r} (+recipe={names[0]}); available: {', '.join(known)}")
+    return names[0], rest
+
+
+def compose_config(
+    command: str, overrides: list[str], config_dir: str | Path | None = None
+) -> TrainConfig | EvalConfig | ExportConfig:
+    """The validated, typed config of `qdylora COMMAND OVERRIDES...` (nothing heavy is imported).
+
+    For eval and export, `+recipe=NAME` only names the run: its run_dir becomes the default.
+    """
+    if command not in COMMANDS:
+        raise QdyloraError(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
+    _check_overrides(overrides)
+    recipe, overrides = _recipe(overrides, config_dir)
+    if command == "train":
+        extra = [f"+recipes={recipe}"] if recipe else []
+        node = _compose_raw("train", extra + overrides, config_dir)
+        return validate_train(to_typed("train", node))
+    if recipe:
+        run_dir = to_typed("train", _compose_raw("train", [f"+recipes={recipe}"], config_dir)).run_dir
+        overrides = [f"run_dir={_quote(run_dir)}", *overrides]
+    cfg = to_typed(command, _compose_raw(command, overrides, config_dir))
+    r_max = load_run_config(cfg.run_dir).adapter.r_max
+    return validate_eval(cfg, r_max) if command == "eval" else validate_export(cfg, r_max)
+
+
+# --- help --------------------------------------------------------------------------------------------
+
+
+def _description(path: Path) -> str:
+    """The first comment line of a YAML file that is not a Hydra directive."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and "@package" not in line:
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _defaults(command: str) -> dict[str, str]:
+    entries = OmegaConf.to_container(OmegaConf.load(config_root() / "conf" / f"{command}.yaml")).get("defaults", [])
+    return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
+
+
+def help_epilog(command: str | None, config_dir: str | Path | None = None) -> str:
+    root = config_root()
+    lines = []
+    if command is None:
+        lines += ["commands:"] + [f"  {name:<8} {text}" for name, text in COMMANDS.items()] + [""]
+    if command in (None, "train"):
+        user = _user_dir(config_dir)
+        lines.append("recipes (+recipe=NAME):")
+        for name in available_recipes(config_dir):
+            path = user / "recipes" / f"{name}.yaml" if user and (user / "recipes" / f"{name}.yaml").is_file() else None
+            lines.append(f"  {name:<20} {_description(path or root / 'recipes' / f'{name}.yaml')}")
+        lines += ["", "config groups (GROUP=OPTION; * = default):"]
+        chosen = _defaults("train")
+        for group in GROUPS:
+            options = [o + "*" * (o == chosen.get(group)) for o in group_options(group, config_dir)]
+            lines.append(f"  {group:<14} {', '.join(options)}")
+        lines += [
+            "",
+            "examples:",
+            "  qdylora train +recipe=tiny",
+            "  qdylora train +recipe=tiny adapter.r_max=16 train.max_steps=100 run_dir=runs/r16",
+            "  qdylora train model=hf model.name_or_path=./my-model data=json data.path=train.jsonl",
+            "  qdylora eval +recipe=tiny rank=1..8",
+            "  qdylora export +recipe=tiny rank=4 format=merged",
+        ]
+    else:
+        lines += [f"keys (conf/{command}.yaml):"]
+        body = (root / "conf" / f"{command}.yaml").read_text().splitlines()
+        lines += ["  " + line for line in body if line and not line.startswith("#")]
+    lines += [
+        "",
+        "Every key can be set as KEY=VALUE; `qdylora COMMAND ... --cfg` prints the result.",
+        "Your own recipes and options: --config-dir DIR with DIR/recipes/NAME.yaml, DIR/model/NAME.yaml, ...",
+    ]
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's usage + message would be two lines
+        raise QdyloraError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _parser(command: str | None, config_dir: str | None) -> _Parser:
+    prog = "qdylora" if command is None else f"qdylora {command}"
+    parser = _Parser(
+        prog=prog,
+        description=COMMANDS.get(command, "QDyLoRA fine-tuning: a 4-bit NF4 base and LoRA adapters good at every rank."),
+        epilog=help_epilog(command, config_dir),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{prog} [--config-dir DIR] [--cfg] [KEY=VALUE ...] [+recipe=NAME]" if command else "qdylora COMMAND ...",
+    )
+    parser.add_argument("--version", action="version", version=f"qdylora {__version__}")
+    if command is not None:
+        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (Hydra syntax)")
+        parser.add_argument("--config-dir", metavar="DIR", help="extra folder of recipes/ and config group options")
+        parser.add_argument("--cfg", action="store_true", help="print the validated config and exit")
+    return parser
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+
+def _launch_processes(cfg: TrainConfig, argv: list[str]) -> int | None:
+    """With launcher.num_processes > 1, start that many copies of this command under accelerate."""
+    n = cfg.launcher.num_processes
+    if n == 1 or "LOCAL_RANK" in os.environ:  # already one of the launched processes
+        return None
+    ddp = config_root() / "conf" / "accelerate" / "ddp.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ddp),
+           "--num_processes", str(n), "-m", "qdylora_cli", *argv]
+    return subprocess.call(cmd)
+
+
+def run(argv: list[str]) -> int:
+    """Parse, compose, validate, then import and run the command; returns the exit code."""
+    if not argv or argv[0] not in COMMANDS:
+        parser = _parser(None, None)
+        if not argv:
+            parser.print_help()
+            return 2
+        if argv[0] in ("-h", "--help", "--version"):
+            parser.parse_args(argv)  # prints and exits
+        parser.error(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}")
+    command = argv[0]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config-dir")
+    config_dir = pre.parse_known_args(argv[1:])[0].config_dir
+    args = _parser(command, config_dir).parse_intermixed_args(argv[1:])
+    cfg = compose_config(command, args.overrides, args.config_dir)
+    if args.cfg:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        return 0
+    if command == "train" and (code := _launch_processes(cfg, argv)) is not None:
+        return code
+    importlib.import_module(MODULES[command]).run(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors print one line and exit 2."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_time=False, show_path=False)])
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except QdyloraError as e:
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
+        code = 2
+    sys.exit(code)

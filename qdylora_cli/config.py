@@ -1,0 +1,460 @@
+"""Typed configuration: the schema every composed config is checked against before any model loads.
+
+The values live in `conf/` (YAML, composed by Hydra in cli.py); the dataclasses here give each key
+its type and a fallback default, and `validate_*` checks what types cannot: ranges, choices and
+paths. Every problem becomes one `QdyloraError` line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, NoReturn, get_args, get_type_hints
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigKeyError,
+    ConfigTypeError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    ValidationError,
+)
+
+from qdylora_cli.errors import QdyloraError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("alpaca", "text", "hf")
+TEMPLATES = ("alpaca", "plain")
+QUANT_TYPES = ("nf4", "none")
+ADAPTER_MODES = ("frozen", "full")
+ADAPTER_VARIANTS = ("lora", "dora")
+RANK_SCHEDULES = ("uniform", "fixed")  # the kinds in adapters.rank.RANK_SAMPLERS (kept torch-free here)
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
+SCHEDULERS = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("bf16", "fp16", "no")
+EVAL_TASKS = ("none", "gsm8k", "mcq")
+EXPORT_FORMATS = ("peft", "merged")
+BUILTIN_DATA = ("builtin:tiny-instructions",)
+
+
+# --- schema ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # hub id or local directory; null when `config` builds the model
+    config: dict[str, Any] | None = None  # a Hugging Face config (with model_type): fresh weights from init_seed
+    tokenizer: str | None = None  # path, hub id or `byte`; null: the model's own
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING  # file, directory, hub dataset id or builtin:NAME
+    format: str = "alpaca"
+    template: str = "alpaca"
+    hf_split: str = "train"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    text_field: str | None = None  # hf only: train on this text column as a corpus
+    val_path: str | None = None
+    val_fraction: float = 0.02
+    source_max_len: int = 384
+    target_max_len: int = 128
+    train_on_source: bool = False
+    group_by_length: bool = True
+    block_size: int = 512
+    max_samples: int | None = None
+
+
+@dataclass
+class QuantConfig:
+    type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+
+
+@dataclass
+class AdapterConfig:
+    r_max: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    mode: str = "frozen"
+    variant: str = "lora"
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class RankScheduleConfig:
+    kind: str = "uniform"
+    min_rank: int = 1
+    rank: int | None = None  # kind=fixed; null: r_max
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "paged_adamw_32bit"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "constant"
+    warmup_ratio: float = 0.03
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 1875
+    batch_size: int = 1
+    grad_accum: int = 16
+    seed: int = 42
+    save_every: int = 250
+    keep_last: int = 3
+    eval_every: int = 200
+    eval_ranks: list[int] | None = None  # null: [1, r_max/4, r_max]
+    eval_batches: int = 20
+    log_every: int = 10
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = 0.3
+    max_bad_steps: int = 10
+    mixed_precision: str = "bf16"
+    resume: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class LauncherConfig:
+    num_processes: int = 1
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    run_dir: str = "runs/${name}"
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    rank_schedule: RankScheduleConfig = field(default_factory=RankScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+@dataclass
+class EvalConfig:
+    name: str = "default"
+    run_dir: str = "runs/${name}"
+    rank: Any = "all"  # a spec for parse_rank_spec: 8, 1..64, 1..64:4, [1,2,4,8], all
+    data: DataConfig | None = None  # null: the run's own validation data
+    batch_size: int = 8
+    max_batches: int | None = None
+    task: str = "none"
+    max_new_tokens: int = 256
+    max_samples: int | None = None
+    tolerance: float = 0.01
+    overwrite: bool = False
+
+
+@dataclass
+class ExportConfig:
+    name: str = "default"
+    run_dir: str = "runs/${name}"
+    rank: int = MISSING
+    format: str = "peft"
+    dtype: str | None = None  # null: the run's model.dtype
+    out_dir: str | None = None  # null: RUN_DIR/export/rank-B-FORMAT
+    overwrite: bool = False
+
+
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "export": ExportConfig}
+
+
+# --- composed YAML -> typed object ------------------------------------------------------------------
+
+
+def _section(schema: type, name: str) -> type | None:
+    """The dataclass type of field `name` (also through `X | None`), else None."""
+    hint = get_type_hints(schema).get(name)
+    return next((t for t in (hint, *get_args(hint)) if is_dataclass(t)), None)
+
+
+def unknown_key_message(schema: type, full_key: str) -> str:
+    """`unknown config key adapter.rmax; adapter has: r_max, alpha, ...`"""
+    *parents, _ = full_key.split(".")
+    holder: type | None = schema
+    for part in parents:
+        holder = _section(holder, part) if holder is not None else None
+    if holder is None:
+        return f"unknown config key {full_key}"
+    where = ".".join(parents) or "the top level"
+    return f"unknown config key {full_key}; {where} has: {', '.join(f.name for f in fields(holder))}"
+
+
+def to_typed(command: str, node: DictConfig | dict) -> Any:
+    """Merge composed YAML into the command's schema: unknown keys and wrong types stop here."""
+    schema = SCHEMAS[command]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        raise QdyloraError(f"{e.full_key} is required: set it with {e.full_key}=VALUE") from None
+    except ConfigKeyError as e:
+        raise QdyloraError(unknown_key_message(schema, e.full_key)) from None
+    except InterpolationResolutionError as e:
+        raise QdyloraError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+    except (ValidationError, ConfigTypeError) as e:
+        key = e.full_key or _locate(schema, OmegaConf.create(node))
+        raise QdyloraError(f"{key}: {_type_problem(str(e).splitlines()[0])}") from None
+
+
+def _locate(schema: type, node: DictConfig) -> str:
+    """The dotted key whose value does not fit `schema` (OmegaConf leaves it out for some errors)."""
+    for key, value in node.items_ex(resolve=False):
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), {key: value})
+        except Exception:  # this key is the culprit; look inside it if it is a section
+            sub = _section(schema, str(key))
+            inner = _locate(sub, value) if sub is not None and OmegaConf.is_dict(value) else ""
+            return f"{key}.{inner}" if inner else str(key)
+    return "config"
+
+
+_ARTICLE = {"Integer": "an integer", "Float": "a number", "String": "a string"}
+_TYPE_PROBLEMS = [
+    (r"Value '(.*)' of type '.*' could not be converted to (\w+)", lambda m: f"expected {_ARTICLE.get(m[2], m[2])}, got {m[1]!r}"),
+    (r"Value '(.*)' is not a valid bool", lambda m: f"expected true or false, got {m[1]!r}"),
+    (r"is not a ListConfig, list or tuple", lambda m: "expected a list, e.g. [a, b]"),
+    (r"is not a subclass of|Cannot merge DictConfig with|to Dict\[", lambda m: "expected a mapping of keys to values"),
+    (r"Cannot convert 'DictConfig' to string|Cannot convert 'ListConfig'", lambda m: "expected a single value"),
+]
+
+
+def _type_problem(msg: str) -> str:
+    for pattern, explain in _TYPE_PROBLEMS:
+        if m := re.search(pattern, msg):
+            return explain(m)
+    return msg
+
+
+# --- checks types cannot express ---------------------------------------------------------------------
+
+
+def _fail(key: str, value: Any, expected: str) -> NoReturn:
+    raise QdyloraError(f"{key}={value!r}: expected {expected}")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = ' (quote "no" in YAML, where a bare no means false)' if value in ("False", False) else ""
+        _fail(key, value, "one of " + ", ".join(choices) + hint)
+
+
+def _at_least(key: str, value: int | float, low: int | float) -> None:
+    if value < low:
+        _fail(key, value, f"a number >= {low}")
+
+
+def _fraction(key: str, value: float) -> None:
+    if not 0 <= value < 1:
+        _fail(key, value, "a number in [0, 1)")
+
+
+def looks_local(path: str) -> bool:
+    """Paths (not hub ids): start with /, . or ~, or exist. `tiiuae/falcon-40b` is a hub id."""
+    return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+
+
+def _existing(key: str, path: str | None, *, local_only: bool) -> None:
+    if path is None:
+        return
+    if (local_only or looks_local(path)) and not Path(path).expanduser().exists():
+        _fail(key, path, "an existing path" if local_only else "an existing local path or a hub id like org/name")
+
+
+def validate_model(m: ModelConfig, check_paths: bool) -> None:
+    if m.config is None and not m.name_or_path:
+        raise QdyloraError("model.name_or_path is required: a hub id or local directory (or model.config to build one)")
+    if m.config is not None:
+        if m.name_or_path:
+            _fail("model.name_or_path", m.name_or_path,
+                  "null when model.config builds the model (use model=hf to load a pretrained one)")
+        if "model_type" not in m.config:
+            _fail("model.config", "{...}", "a Hugging Face config with a model_type key (e.g. llama)")
+    _choice("model.dtype", m.dtype, DTYPES)
+    if check_paths:
+        _existing("model.name_or_path", m.name_or_path, local_only=False)
+        if m.tokenizer != "byte":
+            _existing("model.tokenizer", m.tokenizer, local_only=False)
+
+
+def validate_data(d: DataConfig, check_paths: bool, key: str = "data") -> None:
+    _choice(f"{key}.format", d.format, DATA_FORMATS)
+    _choice(f"{key}.template", d.template, TEMPLATES)
+    _fraction(f"{key}.val_fraction", d.val_fraction)
+    for name in ("source_max_len", "target_max_len", "block_size"):
+        _at_least(f"{key}.{name}", getattr(d, name), 1)
+    if d.max_samples is not None:
+        _at_least(f"{key}.max_samples", d.max_samples, 1)
+    if d.path.startswith("builtin:"):
+        if d.path not in BUILTIN_DATA:
+            _fail(f"{key}.path", d.path, "one of " + ", ".join(BUILTIN_DATA))
+        if d.format != "alpaca":
+            _fail(f"{key}.format", d.format, f"alpaca for {d.path}")
+    elif check_paths:
+        # JSON and text files are always local; `hf` may also name a hub dataset.
+        _existing(f"{key}.path", d.path, local_only=d.format != "hf")
+    if check_paths:
+        _existing(f"{key}.val_path", d.val_path, local_only=d.format != "hf")
+
+
+def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
+    """Ranges, choices and paths of a train config; returns it unchanged."""
+    validate_model(cfg.model, check_paths)
+    validate_data(cfg.data, check_paths)
+    q, a, rs, o, t = cfg.quant, cfg.adapter, cfg.rank_schedule, cfg.optimizer, cfg.train
+    _choice("quant.type", q.type, QUANT_TYPES)
+    if q.blocksize < 1 or q.blocksize & (q.blocksize - 1):
+        _fail("quant.blocksize", q.blocksize, "a power of two (64 in QLoRA)")
+
+    _at_least("adapter.r_max", a.r_max, 1)
+    if a.alpha <= 0:
+        _fail("adapter.alpha", a.alpha, "a number > 0")
+    _fraction("adapter.dropout", a.dropout)
+    _choice("adapter.mode", a.mode, ADAPTER_MODES)
+    _choice("adapter.variant", a.variant, ADAPTER_VARIANTS)
+    if not a.target_modules:
+        _fail("adapter.target_modules", a.target_modules, "a non-empty list, e.g. [all-linear] or [q_proj, v_proj]")
+
+    _choice("rank_schedule.kind", rs.kind, RANK_SCHEDULES)
+    if not 1 <= rs.min_rank <= a.r_max:
+        _fail("rank_schedule.min_rank", rs.min_rank, f"1..adapter.r_max ({a.r_max})")
+    if rs.kind == "fixed" and rs.rank is not None and not 1 <= rs.rank <= a.r_max:
+        _fail("rank_schedule.rank", rs.rank, f"1..adapter.r_max ({a.r_max}) or null for r_max")
+
+    _choice("optimizer.name", o.name, OPTIMIZERS)
+    _choice("optimizer.scheduler", o.scheduler, SCHEDULERS)
+    if o.lr <= 0:
+        _fail("optimizer.lr", o.lr, "a number > 0")
+    _at_least("optimizer.weight_decay", o.weight_decay, 0)
+    if o.eps <= 0:
+        _fail("optimizer.eps", o.eps, "a number > 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        _fail("optimizer.betas", o.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _fraction("optimizer.warmup_ratio", o.warmup_ratio)
+
+    for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "eval_batches", "log_every", "max_bad_steps"):
+        _at_least(f"train.{name}", getattr(t, name), 1)
+    for name in ("seed", "save_every", "eval_every", "max_grad_norm", "num_workers"):
+        _at_least(f"train.{name}", getattr(t, name), 0)
+    for r in t.eval_ranks or []:
+        if not 0 <= r <= a.r_max:
+            _fail("train.eval_ranks", t.eval_ranks, f"ranks in 0..adapter.r_max ({a.r_max}); 0 is the base model")
+    _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    _at_least("launcher.num_processes", cfg.launcher.num_processes, 1)
+    if not cfg.run_dir:
+        _fail("run_dir", cfg.run_dir, "a directory")
+    return cfg
+
+
+def validate_eval(cfg: EvalConfig, r_max: int) -> EvalConfig:
+    parse_rank_spec(cfg.rank, r_max)
+    if cfg.data is not None:
+        validate_data(cfg.data, check_paths=True)
+    _at_least("batch_size", cfg.batch_size, 1)
+    for name in ("max_batches", "max_samples"):
+        if getattr(cfg, name) is not None:
+            _at_least(name, getattr(cfg, name), 1)
+    _choice("task", cfg.task, EVAL_TASKS)
+    _at_least("max_new_tokens", cfg.max_new_tokens, 1)
+    _at_least("tolerance", cfg.tolerance, 0)
+    return cfg
+
+
+def validate_export(cfg: ExportConfig, r_max: int) -> ExportConfig:
+    if not 1 <= cfg.rank <= r_max:
+        _fail("rank", cfg.rank, f"a rank in 1..{r_max} (the run's adapter.r_max)")
+    _choice("format", cfg.format, EXPORT_FORMATS)
+    if cfg.dtype is not None:
+        _choice("dtype", cfg.dtype, DTYPES)
+    return cfg
+
+
+# --- rank specs ----------------------------------------------------------------------------------------
+
+
+_RANGE = re.compile(r"^(\d+)\s*\.\.\s*(\d+)(?:\s*:\s*(\d+))?$")
+
+
+def parse_rank_spec(spec: Any, r_max: int) -> list[int]:
+    """Ranks named by `spec`, sorted and unique: `8`, `1..64`, `1..64:4` (1, 5, ..., 61), `[1,2,4,8]`, `all`.
+
+    0 is the base model without adapters. Hydra hands over ints and lists as such, strings otherwise.
+    """
+    usage = "a rank spec like 8, 1..64, 1..64:4, [1,2,4,8] or all"
+    if isinstance(spec, bool):
+        _fail("rank", spec, usage)
+    if isinstance(spec, int):
+        ranks = [spec]
+    elif isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
+        ranks = [_rank_item(x, spec, usage) for x in spec]
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if text == "all":
+            ranks = list(range(1, r_max + 1))
+        elif m := _RANGE.match(text):
+            lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+            if lo > hi or step < 1:
+                _fail("rank", spec, "LOW..HIGH[:STEP] with LOW <= HIGH and STEP >= 1")
+            ranks = list(range(lo, hi + 1, step))
+        else:
+            items = [x.strip() for x in text.strip("[]").split(",")]
+            ranks = [_rank_item(x, spec, usage) for x in items]
+    else:
+        _fail("rank", spec, usage)
+    if not ranks:
+        _fail("rank", spec, usage)
+    for r in ranks:
+        if r < 0:
+            _fail("rank", spec, "ranks >= 0 (0 is the base model)")
+        if r > r_max:
+            raise QdyloraError(f"rank={spec!r}: rank {r} is above the run's adapter.r_max ({r_max})")
+    return sorted(set(ranks))
+
+
+def _rank_item(x: Any, spec: Any, usage: str) -> int:
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    if isinstance(x, str) and x.isdigit():
+        return int(x)
+    _fail("rank", spec, usage)
+
+
+# --- run directories ---------------------------------------------------------------------------------
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The typed train config a run was made with (paths are not re-checked: eval may run elsewhere)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise QdyloraError(f"{run_dir} is not a qdylora run directory (it has no config.yaml)")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # any YAML problem is the file's fault
+        raise QdyloraError(f"{path}: not a readable config ({str(e).splitlines()[0]})") from None
+    return validate_train(to_typed("train", node), check_paths=False)
