@@ -11,6 +11,7 @@ Zeroing gradients with `set_to_none=False` would defeat this, so train loops mus
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING
 
@@ -56,7 +57,8 @@ class DynamicRankLoRA(nn.Module):
     `rank` selects what forward computes: 0 = the base alone, b = rank b, a tuple = one rank per
     equal chunk of the batch (multi-rank evaluation with one base matmul). Mode `frozen` trains
     only slice b (A row b, B column b) at rank b, the slices below being used but detached;
-    `full` trains slices 1..b. Adapter parameters are float32; autocast lowers the matmuls.
+    `full` trains slices 1..b (with a tuple, b is its largest rank). Adapter parameters are
+    float32 master weights; the adapter path computes in the input's dtype.
     """
 
     def __init__(
@@ -83,7 +85,7 @@ class DynamicRankLoRA(nn.Module):
         self.r_max, self.alpha, self.mode, self.variant = r_max, float(alpha), mode, variant
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-        device = next(iter([*base.parameters(), *base.buffers()])).device
+        device = next(itertools.chain(base.parameters(), base.buffers())).device
         # Kaiming over the whole r_max×in matrix, as one LoRA A would be, then cut into rank slices.
         a = torch.empty(r_max, self.in_features, device=device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -118,17 +120,17 @@ class DynamicRankLoRA(nn.Module):
         top = max(ranks)
         if top == 0:
             return self.base(x)
-        A, B = self.factors(top)
-        weight = base_weight(self.base) if self.variant == "dora" else None
-        h = F.linear(self.dropout(x).to(A.dtype), A)  # (..., top): all ranks share one matmul
+        # Factors cast to the activations' dtype, not x to float32, so backward saves no float32 copy of x.
+        A, B = (t.to(x.dtype) for t in self.factors(top))
+        h = F.linear(self.dropout(x), A)  # (..., top): all ranks share one matmul
         if len(ranks) == 1:
             h = h * (self.alpha / top)
         else:  # chunk i keeps its first ranks[i] columns, scaled by α/ranks[i]
             h = _per_chunk(h, self._rank_columns(ranks, top).to(h.dtype))
-        if weight is None:
-            y = self.base(x)
-            return y + F.linear(h, B).to(y.dtype)
-        return self._dora(x, weight, A, B, h, ranks)
+        if self.variant == "dora":
+            return self._dora(x, A, B, h, ranks)
+        y = self.base(x)
+        return y + F.linear(h, B).to(y.dtype)
 
     def _rank_columns(self, ranks: tuple[int, ...], top: int) -> torch.Tensor:
         """(len(ranks), top): α/b on the first b columns of row i (b = ranks[i]), zero elsewhere."""
@@ -139,7 +141,6 @@ class DynamicRankLoRA(nn.Module):
     def _dora(
         self,
         x: torch.Tensor,
-        weight: torch.Tensor,
         A: torch.Tensor,
         B: torch.Tensor,
         h: torch.Tensor,
@@ -150,6 +151,7 @@ class DynamicRankLoRA(nn.Module):
         Uses `(m/n) ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ)` so the adapted weight is never materialised. The base's
         output already contains the bias, hence `+ (1 - m/n) ⊙ bias` to leave the bias unscaled.
         """
+        weight = base_weight(self.base)
         norms = self._dora_norms(weight, A, B, ranks)
         scale = self.magnitude / norms  # (k, out); the norm is a constant in backward (DoRA §4.3)
         if 0 in ranks:  # adapters off: the base output, whatever the magnitude has learnt
@@ -157,10 +159,11 @@ class DynamicRankLoRA(nn.Module):
         y = _base_forward(self.base, x, weight)
         y = y + F.linear(h, B).to(y.dtype)
         bias = self.base.bias
+        scale = scale.to(y.dtype)
         out = _per_chunk(y, scale)
         if bias is not None:
-            out = out + _per_chunk(bias.expand_as(y), 1 - scale)
-        return out.to(y.dtype)
+            out = out + _per_chunk(bias.to(y.dtype).expand_as(y), 1 - scale)
+        return out
 
     @torch.no_grad()
     def _dora_norms(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
