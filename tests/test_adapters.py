@@ -30,9 +30,9 @@ R_MAX, ALPHA = 6, 4.0
 
 
 def make_adapter(variant="lora", mode="frozen", bias=True, base="linear", seed=0, dropout=0.0):
-    """An adapter on a 24→20 layer with random B (a fresh B is zero, which would hide mistakes)."""
+    """An adapter on a 24→32 layer with random B (a fresh B is zero, which would hide mistakes)."""
     torch.manual_seed(seed)
-    linear = nn.Linear(24, 20, bias=bias)
+    linear = nn.Linear(24, 32, bias=bias)
     if base == "nf4":
         linear = NF4Linear.from_linear(linear, blocksize=64)
     adapter = DynamicRankLoRA(linear, R_MAX, ALPHA, dropout=dropout, mode=mode, variant=variant)
@@ -40,7 +40,7 @@ def make_adapter(variant="lora", mode="frozen", bias=True, base="linear", seed=0
         for p in adapter.lora_B:
             p.normal_(0, 0.3)
         if variant == "dora":
-            adapter.magnitude.mul_(torch.rand(20) + 0.5)
+            adapter.magnitude.mul_(torch.rand(32) + 0.5)
     return adapter
 
 
@@ -74,10 +74,10 @@ def dora_by_hand(adapter, x, b, detach_norm=True, params=None):
 
 def test_fresh_adapter_is_the_base_and_a_is_kaiming_over_the_whole_matrix():
     torch.manual_seed(0)
-    linear = nn.Linear(24, 20)
+    linear = nn.Linear(24, 32)
     adapter = DynamicRankLoRA(linear, R_MAX, ALPHA)
     A, B = adapter.adapter_state()["lora_A"], adapter.adapter_state()["lora_B"]
-    assert A.shape == (R_MAX, 24) and B.shape == (20, R_MAX)
+    assert A.shape == (R_MAX, 24) and B.shape == (32, R_MAX)
     assert A.abs().max() <= 1 / math.sqrt(24) and A.std() > 0.5 / math.sqrt(3 * 24)
     assert not B.any()
     x = torch.randn(3, 24)
@@ -149,7 +149,7 @@ def test_dora_output_is_the_dora_formula(base, bias):
 
 def test_fresh_dora_is_the_base():
     torch.manual_seed(0)
-    linear = nn.Linear(24, 20)
+    linear = nn.Linear(24, 32)
     adapter = DynamicRankLoRA(linear, R_MAX, ALPHA, variant="dora")
     torch.testing.assert_close(adapter.magnitude, linear.weight.norm(dim=1))
     x = torch.randn(3, 24)
@@ -160,7 +160,7 @@ def test_dora_norm_is_a_constant_in_backward():
     adapter = make_adapter(variant="dora", mode="full")
     adapter.rank = 4
     x = torch.randn(6, 24, requires_grad=True)
-    target = torch.randn(6, 20)
+    target = torch.randn(6, 32)
     (adapter(x) - target).pow(2).sum().backward()
     got = [torch.cat([p.grad for p in adapter.lora_A[:4]]), torch.cat([p.grad for p in adapter.lora_B[:4]], 1),
            adapter.magnitude.grad, x.grad]
@@ -256,7 +256,7 @@ def test_bad_ranks_and_options_are_clear_errors():
 
 
 def test_set_rank_sets_every_adapter_or_none():
-    model = nn.Sequential(make_adapter(), nn.ReLU(), DynamicRankLoRA(nn.Linear(20, 8), 3, 1.0))
+    model = nn.Sequential(make_adapter(), nn.ReLU(), DynamicRankLoRA(nn.Linear(32, 8), 3, 1.0))
     set_rank(model, (0, 2))
     assert model[0].rank == (0, 2) and model[2].rank == (0, 2)
     with pytest.raises(QdyloraError, match=r"0\.\.3"):
@@ -412,6 +412,37 @@ def test_gradient_checkpointing_with_dropout_gives_the_same_gradients():
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls a deprecated transformers property
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_rank_b_is_the_peft_adapter_with_r_b_and_the_same_alpha(variant):
+    """SPEC §2: an adapter taken at rank b is a plain PEFT LoRA (or DoRA) with r=b, lora_alpha=α."""
+    peft = pytest.importorskip("peft")
+    b = 3
+    ours = tiny_llama()
+    inject_adapters(ours, r_max=R_MAX, alpha=ALPHA, variant=variant, quant="none")
+    with torch.no_grad():  # as if trained: B nonzero, magnitudes moved
+        for _, adapter in iter_adapters(ours):
+            for p in adapter.lora_B:
+                p.normal_(0, 0.1)
+            if variant == "dora":
+                adapter.magnitude.mul_(1.2)
+    config = peft.LoraConfig(r=b, lora_alpha=ALPHA, target_modules="all-linear", use_dora=variant == "dora")
+    theirs = peft.get_peft_model(tiny_llama(), config).eval()
+    adapters = dict(iter_adapters(ours))
+    with torch.no_grad():
+        for name, module in theirs.base_model.model.named_modules():
+            if name in adapters:
+                state = adapters[name].adapter_state()
+                module.lora_A["default"].weight.copy_(state["lora_A"][:b])
+                module.lora_B["default"].weight.copy_(state["lora_B"][:, :b])
+                if variant == "dora":
+                    module.lora_magnitude_vector["default"].weight.copy_(state["magnitude"])
+    set_rank(ours, b)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_target_patterns_and_their_errors():
