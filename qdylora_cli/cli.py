@@ -108,17 +108,26 @@ def _compose_raw(command: str, overrides: list[str], config_dir: str | Path | No
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     root, user = config_root(), _user_dir(config_dir)
-    # The user's folder first, so its group options and recipes can shadow the built-in ones.
-    primary = user or root / "conf"
-    search = [root / "conf"] * (user is not None) + ([user] if user else []) + [root]
+    if user is not None:
+        _check_no_shadowing(user, root)
+    search = ([user] if user else []) + [root]
     searchpath = "hydra.searchpath=[" + ",".join(_quote(f"file://{p}") for p in search) + "]"
     try:
-        with initialize_config_dir(config_dir=str(primary), version_base="1.3", job_name="qdylora"):
+        with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3", job_name="qdylora"):
             return compose(config_name=command, overrides=[searchpath, *overrides])
     except MissingConfigException as e:
         raise QdyloraError(_missing_option_message(e)) from None
     except ConfigCompositionException as e:
         raise QdyloraError(_composition_message(command, e, overrides)) from None
+
+
+def _check_no_shadowing(user: Path, root: Path) -> None:
+    # Hydra searches the built-in conf/ first, so a same-named file of the user's would be silently ignored.
+    for path in sorted(user.glob("*/*.yaml")):
+        group = path.parent.name
+        builtin = root / group / path.name if group == "recipes" else root / "conf" / group / path.name
+        if builtin.is_file():
+            raise QdyloraError(f"--config-dir: {path} has the name of a built-in {group} option; rename it")
 
 
 def _missing_option_message(e: Any) -> str:

@@ -64,7 +64,7 @@ def _read_text(path: Path) -> str:
 def read_json_records(path: Path) -> list[tuple[str, Any]]:
     """Records of a JSON list or JSONL file, each with where it came from (`file:line` or `file record i`)."""
     text = _read_text(path)
-    if text.lstrip().startswith("["):
+    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
