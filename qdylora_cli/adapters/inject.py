@@ -34,7 +34,8 @@ def find_target_modules(model: nn.Module, target_modules: Sequence[str]) -> list
     pattern matches a layer when it equals the last name component (`q_proj`) or fnmatch-matches
     the full dotted name (`model.layers.*.mlp.*`). A pattern that matches nothing is an error.
     """
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # NF4Linear too: the streaming loader (loading.py) quantizes the targets while it reads them.
+    linears = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
     if ALL_LINEAR in target_modules:
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         excluded = {name for name, m in model.named_modules() if m is out} | {"lm_head"}
@@ -81,13 +82,12 @@ def inject_adapters(
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, attr)
-        if quant == "nf4":
+        if quant == "nf4" and not isinstance(linear, NF4Linear):
             base = NF4Linear.from_linear(linear, double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize)
         else:
             base = linear
-        # Replacing the attribute drops the last reference to the float weight (unless it is tied elsewhere).
         setattr(parent, attr, DynamicRankLoRA(base, r_max, alpha, dropout=dropout, mode=mode, variant=variant))
-        del linear, base
+        del linear  # with quant="nf4" that was the last reference to the float weight (unless tied elsewhere)
     return names
 
 
