@@ -120,9 +120,9 @@ class DynamicRankLoRA(nn.Module):
         top = max(ranks)
         if top == 0:
             return self.base(x)
+        A, B = self.factors(top)
         # Factors cast to the activations' dtype, not x to float32, so backward saves no float32 copy of x.
-        A, B = (t.to(x.dtype) for t in self.factors(top))
-        h = F.linear(self.dropout(x), A)  # (..., top): all ranks share one matmul
+        h = F.linear(self.dropout(x), A.to(x.dtype))  # (..., top): all ranks share one matmul
         if len(ranks) == 1:
             h = h * (self.alpha / top)
         else:  # chunk i keeps its first ranks[i] columns, scaled by α/ranks[i]
@@ -130,7 +130,7 @@ class DynamicRankLoRA(nn.Module):
         if self.variant == "dora":
             return self._dora(x, A, B, h, ranks)
         y = self.base(x)
-        return y + F.linear(h, B).to(y.dtype)
+        return y + F.linear(h, B.to(h.dtype)).to(y.dtype)
 
     def _rank_columns(self, ranks: tuple[int, ...], top: int) -> torch.Tensor:
         """(len(ranks), top): α/b on the first b columns of row i (b = ranks[i]), zero elsewhere."""
@@ -157,7 +157,7 @@ class DynamicRankLoRA(nn.Module):
         if 0 in ranks:  # adapters off: the base output, whatever the magnitude has learnt
             scale = torch.where(torch.tensor(ranks, device=scale.device)[:, None] == 0, 1.0, scale)
         y = _base_forward(self.base, x, weight)
-        y = y + F.linear(h, B).to(y.dtype)
+        y = y + F.linear(h, B.to(h.dtype)).to(y.dtype)
         bias = self.base.bias
         scale = scale.to(y.dtype)
         out = _per_chunk(y, scale)
