@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -104,6 +105,12 @@ def prequantized_nf4(config: PretrainedConfig) -> bool:
     )
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The keyword naming the dtype in `from_config`/`from_pretrained`: transformers 5 renamed `torch_dtype=`."""
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
 # --- the skeleton --------------------------------------------------------------------------------------
 
 
@@ -131,7 +138,7 @@ def parameters_on_meta() -> Iterator[None]:
 def build_skeleton(config: PretrainedConfig, *, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
     """The causal LM of `config` with every parameter on `meta` (tied ones tied) and real buffers."""
     with parameters_on_meta():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **dtype_kwarg(dtype))
 
 
 # --- filling it ----------------------------------------------------------------------------------------

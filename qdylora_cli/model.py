@@ -7,12 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict
 from qdylora_cli.checkpoint import ADAPTER_CONFIG, load_adapter
 from qdylora_cli.errors import QdyloraError
+from qdylora_cli.loading import dtype_kwarg, load_quantized
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +30,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise QdyloraError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    # transformers 5 renamed `torch_dtype=` to `dtype=`; 4.x only knows the old name.
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -54,26 +54,35 @@ def load_base_model(
     name_or_path: str | None,
     *,
     dtype: torch.dtype,
+    quant: dict[str, Any],
+    target_modules: tuple[str, ...],
     config: dict[str, Any] | None = None,
     init_seed: int = 0,
     trust_remote_code: bool = False,
+    device: torch.device | None = None,
+    quantize_device: torch.device | None = None,
 ) -> PreTrainedModel:
-    """The float base model: built from `config` (fresh weights from `init_seed`) or loaded from a path/hub id."""
+    """The base model without adapters: built from `config` (fresh float weights from `init_seed`), or
+    read from a path/hub id shard by shard with its target layers quantized as they are read
+    (loading.py; on `device`, default CUDA if present). `inject_adapters` quantizes what is still float."""
     if config is not None:
         config = dict(config)
         hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = AutoModelForCausalLM.from_config(hf_config, **_dtype_kwarg(dtype))
+            model = AutoModelForCausalLM.from_config(hf_config, **dtype_kwarg(dtype))
         return model
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **_dtype_kwarg(dtype)
-        )
-    except (OSError, ValueError) as e:
-        raise QdyloraError(
-            f"model.name_or_path={name_or_path!r}: cannot load a causal LM ({str(e).splitlines()[0]})"
-        ) from None
+    return load_quantized(
+        name_or_path,
+        dtype=dtype,
+        quant=quant["type"],
+        target_modules=target_modules,
+        double_quant=quant["double_quant"],
+        blocksize=quant["blocksize"],
+        device=device,
+        quantize_device=quantize_device,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
@@ -86,17 +95,21 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
-def build_training_model(cfg: Any, run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+def build_training_model(
+    cfg: Any, run_dir: Path, *, device: torch.device | None = None, quantize_device: torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Tokenizer, quantized model with fresh adapters, and the metadata that rebuilds it later.
 
     Models built from a config are saved to `run_dir/base_model` first, so eval and export
     can rebuild the run without the recipe.
     """
-    m = cfg.model
+    m, a, q = cfg.model, cfg.adapter, cfg.quant
     dtype = torch_dtype(m.dtype)
     tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+    quant = {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize}
     model = load_base_model(
-        m.name_or_path, dtype=dtype, config=m.config, init_seed=m.init_seed, trust_remote_code=m.trust_remote_code
+        m.name_or_path, dtype=dtype, quant=quant, target_modules=tuple(a.target_modules), config=m.config,
+        init_seed=m.init_seed, trust_remote_code=m.trust_remote_code, device=device, quantize_device=quantize_device,
     )
     if m.config is not None:
         base_ref = BASE_MODEL_DIR
@@ -107,7 +120,6 @@ def build_training_model(cfg: Any, run_dir: Path) -> tuple[PreTrainedModel, PreT
     else:
         local = Path(m.name_or_path).expanduser()
         base_ref = str(local.resolve()) if local.exists() else m.name_or_path
-    a, q = cfg.adapter, cfg.quant
     adapted = inject_adapters(
         model,
         r_max=a.r_max,
@@ -132,7 +144,7 @@ def build_training_model(cfg: Any, run_dir: Path) -> tuple[PreTrainedModel, PreT
         "dropout": a.dropout,
         "mode": a.mode,
         "variant": a.variant,
-        "quant": {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize},
+        "quant": quant,
     }
     return model, tokenizer, meta
 
@@ -144,7 +156,7 @@ def _resolve(ref: str, run_dir: Path) -> str:
 
 
 def load_run_model(
-    run_dir: Path, *, adapter_dir: Path | None = None, dtype: str | None = None
+    run_dir: Path, *, adapter_dir: Path | None = None, dtype: str | None = None, device: torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Rebuild a trained run: base model, the same quantization and targets, and its adapter weights."""
     run_dir = Path(run_dir)
@@ -154,10 +166,11 @@ def load_run_model(
     weights, meta = load_adapter(adapter_dir)
     compute = torch_dtype(dtype or meta["dtype"])
     tokenizer = load_tokenizer(_resolve(meta["tokenizer"], run_dir), trust_remote_code=meta["trust_remote_code"])
-    model = load_base_model(
-        _resolve(meta["base_model"], run_dir), dtype=compute, trust_remote_code=meta["trust_remote_code"]
-    )
     q = meta["quant"]
+    model = load_base_model(
+        _resolve(meta["base_model"], run_dir), dtype=compute, quant=q, target_modules=tuple(meta["target_modules"]),
+        trust_remote_code=meta["trust_remote_code"], device=device,
+    )
     inject_adapters(
         model,
         r_max=meta["r_max"],
