@@ -459,6 +459,18 @@ def test_target_patterns_and_their_errors():
         inject_adapters(tiny_llama(), r_max=2, alpha=2, quant="int3")
 
 
+def test_layers_already_in_nf4_are_wrapped_as_they_are():
+    """The streaming loader quantizes targets while reading shards; injection must not quantize them twice."""
+    model = tiny_llama()
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = NF4Linear.from_linear(attn.q_proj, compute_dtype=torch.float32)
+    quantized = attn.q_proj
+    names = inject_adapters(model, r_max=2, alpha=2, target_modules=["q_proj"], compute_dtype=torch.float32)
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert attn.q_proj.base is quantized
+    assert isinstance(model.model.layers[1].self_attn.q_proj.base, NF4Linear)
+
+
 def test_loading_adapter_weights_that_do_not_fit_is_a_clear_error():
     model = tiny_llama()
     inject_adapters(model, r_max=R_MAX, alpha=ALPHA, quant="none")
