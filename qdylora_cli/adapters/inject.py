@@ -28,7 +28,7 @@ def _pattern_matches(pattern: str, name: str) -> bool:
 
 
 def find_target_modules(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
-    """Names of the `nn.Linear` layers that `target_modules` selects, in module order.
+    """Names of the linear layers (`nn.Linear`, or `NF4Linear` already) that `target_modules` selects, in order.
 
     `all-linear` selects every linear layer but the output embeddings (`lm_head`); any other
     pattern matches a layer when it equals the last name component (`q_proj`) or fnmatch-matches
