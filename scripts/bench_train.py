@@ -1,0 +1,256 @@
+"""Training-step speed and peak memory: qdylora against PEFT + bitsandbytes QLoRA, same model, same settings.
+
+    python scripts/bench_train.py                       # Llama-7B shape on CUDA, seq 512 and 2048
+    python scripts/bench_train.py --tiny                # small shapes on CPU: a smoke test
+    python scripts/bench_train.py --seqs 512 --steps 20 --no-gradient-checkpointing
+
+The model has Llama-2-7B's shape with random weights, generated and quantized to NF4 one tensor
+at a time on the device (loading.fill_model), so a float copy of the model never exists. The PEFT
+model gets the *same* NF4 codes: each of our NF4Linear layers becomes a `bnb.nn.Linear4bit` from
+its state dict (the layouts are the same), then `peft.get_peft_model` adds LoRA at r = r_max.
+
+Both sides: all linear layers but lm_head adapted, α 16, dropout 0.05, embeddings and norms in the
+compute dtype, adapters in float32 under autocast, gradient checkpointing, paged AdamW 32-bit,
+grad-norm clipping at 0.3, batch 1 (QLoRA's settings). qdylora draws a rank per step (uniform on
+1..r_max, mode frozen) as in training. Reported: tokens/s over the timed steps after warm-up, and
+the peak memory of the whole training step (weights included): CUDA allocator peak on a GPU,
+process RSS peak on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from qdylora_cli.adapters import build_rank_sampler, inject_adapters, set_rank  # noqa: E402
+from qdylora_cli.loading import build_skeleton, fill_model, random_tensors  # noqa: E402
+from qdylora_cli.model import enable_gradient_checkpointing  # noqa: E402
+from qdylora_cli.quant import NF4Linear, import_bitsandbytes  # noqa: E402
+from qdylora_cli.train import build_optimizer  # noqa: E402
+
+ALPHA, DROPOUT, MAX_GRAD_NORM, LR = 16.0, 0.05, 0.3, 2e-4
+warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls transformers' deprecated names
+
+LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+# Widths that are multiples of 64: bitsandbytes' CPU kernels fail on some others.
+LLAMA_TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+
+
+# --- measuring -------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory added since `start()`: the CUDA allocator's on a GPU, the process RSS's (Linux) on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif Path("/proc/self/clear_refs").exists():
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+            self.base = _proc_status("VmRSS") * 1024
+
+    def peak_bytes(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        if not Path("/proc/self/status").exists():
+            return float("nan")
+        return _proc_status("VmHWM") * 1024 - self.base
+
+
+def _proc_status(key: str) -> int:
+    """A /proc/self/status value in KiB."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the two models --------------------------------------------------------------------------------
+
+
+def nf4_base(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
+    """Random weights, each linear one quantized to NF4 as soon as it is generated (no float model ever)."""
+    model = build_skeleton(config, dtype=dtype)
+    return fill_model(model, random_tensors(model, device=device, seed=seed), dtype=dtype, device=device)
+
+
+def qdylora_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, r_max: int) -> PreTrainedModel:
+    model = nf4_base(config, device, dtype)
+    inject_adapters(model, r_max=r_max, alpha=ALPHA, dropout=DROPOUT, mode="frozen", compute_dtype=dtype)
+    return model
+
+
+def peft_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, r: int) -> nn.Module:
+    """The same NF4 base as bitsandbytes Linear4bit layers, with PEFT's LoRA at rank r."""
+    import peft
+
+    bnb = import_bitsandbytes()
+    model = nf4_base(config, device, dtype)
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
+        swapped = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                    compute_dtype=dtype, compress_statistics=layer.nested_absmax is not None,
+                                    quant_type="nf4", device="meta")
+        state = {k.removeprefix("weight."): v.to(device) for k, v in layer.state_dict().items() if k != "weight"}
+        state.pop("bias", None)
+        swapped.weight = bnb.nn.Params4bit.from_prequantized(layer.weight, state, device=device, module=swapped)
+        if layer.bias is not None:
+            swapped.bias = nn.Parameter(layer.bias.to(dtype), requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, swapped)
+    lora = peft.LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear",
+                           task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, lora)
+
+
+# --- the step ----------------------------------------------------------------------------------------
+
+
+def train_steps(
+    model: nn.Module,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    seq: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    gradient_checkpointing: bool,
+    before_step: Callable[[int], None] | None = None,
+) -> float:
+    """Run warm-up + timed optimizer steps on random tokens; the timed steps' tokens per second."""
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cfg = SimpleNamespace(name="paged_adamw_32bit", lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = build_optimizer(opt_cfg, params, on_cuda=device.type == "cuda")
+    vocab = model.config.vocab_size
+    generator = torch.Generator(device=device).manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync(device)
+            start = time.perf_counter()
+        if before_step is not None:
+            before_step(step)
+        ids = torch.randint(0, vocab, (batch, seq), device=device, generator=generator)
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return batch * seq * steps / (time.perf_counter() - start)
+
+
+def rank_per_step(model: nn.Module, r_max: int) -> Callable[[int], None]:
+    """qdylora's training schedule: one uniform rank per optimizer step, in every layer."""
+    sampler = build_rank_sampler("uniform", r_max=r_max, seed=0)
+    return lambda step: set_rank(model, sampler.sample())
+
+
+def measure(system: str, args: argparse.Namespace, config: PretrainedConfig, seq: int) -> dict[str, float]:
+    device, dtype = torch.device(args.device), args.dtype
+    memory = PeakMemory(device)
+    memory.start()
+    if system == "qdylora":
+        model = qdylora_model(config, device, dtype, args.r_max)
+        before = rank_per_step(model, args.r_max)
+    else:
+        model, before = peft_model(config, device, dtype, args.r_max), None
+    tokens_per_s = train_steps(model, device=device, dtype=dtype, seq=seq, batch=args.batch, steps=args.steps,
+                               warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
+                               before_step=before)
+    result = {"tokens_per_s": tokens_per_s, "peak_bytes": memory.peak_bytes()}
+    del model, before
+    gc.collect()
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU (CI smoke test)")
+    parser.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default 512,2048; tiny 64,128)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--r-max", type=int, default=None, help="qdylora r_max = PEFT r (default 64; tiny 8)")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 10; tiny 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
+    parser.add_argument("--systems", default="qdylora,peft", help="which of qdylora,peft to run")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    args = parser.parse_args(argv)
+    tiny = args.tiny
+    args.device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+    args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    args.seqs = [int(s) for s in (args.seqs or ("64,128" if tiny else "512,2048")).split(",")]
+    args.r_max = args.r_max or (8 if tiny else 64)
+    args.steps = args.steps or (2 if tiny else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
+    args.systems = args.systems.split(",")
+    if tiny:
+        # Tiny matmuls gain nothing from threads, and on a busy machine OpenMP barriers waiting for a
+        # descheduled thread cost milliseconds per op: one thread gives stable numbers.
+        torch.set_num_threads(1)
+    return args
+
+
+def environment(device: str) -> str:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    return (f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"bitsandbytes {bitsandbytes.__version__}, peft {peft.__version__}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = LlamaConfig(**(LLAMA_TINY if args.tiny else LLAMA_7B))
+    # GiB of the CUDA allocator's peak on a GPU; MiB of RSS growth on the CPU, where the tiny model is small.
+    unit, scale = ("peak GiB (CUDA allocated)", 2**30) if args.device == "cuda" else ("peak MiB (RSS growth)", 2**20)
+    print(f"# {'tiny Llama' if args.tiny else 'Llama-7B shape'}, r_max {args.r_max}, batch {args.batch}, "
+          f"{args.dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"{args.steps} timed steps after {args.warmup}")
+    print(f"# {environment(args.device)}")
+    print(f"| seq | system | tokens/s | {unit} |")
+    print("|---|---|---|---|")
+    results = {}
+    for seq in args.seqs:
+        for system in args.systems:
+            r = results[seq, system] = measure(system, args, config, seq)
+            print(f"| {seq} | {system} | {r['tokens_per_s']:,.0f} | {r['peak_bytes'] / scale:.2f} |", flush=True)
+    if {"qdylora", "peft"} <= set(args.systems):
+        for seq in args.seqs:
+            q, p = results[seq, "qdylora"], results[seq, "peft"]
+            print(f"seq {seq}: qdylora/peft tokens/s {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
+                  f"peak memory {q['peak_bytes'] / p['peak_bytes']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
