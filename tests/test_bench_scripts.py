@@ -1,0 +1,34 @@
+"""The GPU benchmark scripts run end to end on small shapes on the CPU (`--tiny`)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run_script(name: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(SCRIPTS / name), "--tiny", *args], capture_output=True, text=True,
+                         timeout=120, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_bench_train_compares_qdylora_and_peft_on_the_same_model():
+    pytest.importorskip("peft")
+    out = run_script("bench_train.py")
+    rows = re.findall(r"^\| (\d+) \| (qdylora|peft) \| ([\d,]+) \| ([\d.]+) \|$", out, re.M)
+    assert {(seq, system) for seq, system, *_ in rows} == {(s, x) for s in ("64", "128") for x in ("qdylora", "peft")}
+    assert all(float(tps.replace(",", "")) > 0 for *_, tps, _ in rows)
+    assert len(re.findall(r"^seq \d+: qdylora/peft tokens/s [\d.]+x, peak memory [\d.]+x$", out, re.M)) == 2
+
+
+def test_bench_falcon40b_memory_trains_a_falcon_shaped_model():
+    out = run_script("bench_falcon40b_memory.py")
+    assert "tiny Falcon, r_max 64, seq 512" in out
+    assert re.search(r"^training: [\d,]+ tokens/s over 2 steps", out, re.M)
+    assert re.search(r"^peak RSS of the training steps: [\d.]+ MiB", out, re.M)
