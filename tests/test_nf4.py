@@ -240,6 +240,25 @@ def test_trainable_bias_gets_its_gradient():
     torch.testing.assert_close(layer.bias.grad, grad_out.sum((0, 1)))
 
 
+@pytest.mark.parametrize("shape", [(96, 256), (64, 96), (48, 172)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_slab_by_slab_matmuls_match_the_whole_weight(monkeypatch, shape):
+    """Forward (slabs of rows) and backward (slabs of columns, or whole W when rows straddle blocks)."""
+    monkeypatch.setattr("qdylora_cli.quant.linear._SLAB", 2048)
+    layer = NF4Linear.from_linear(make_linear(shape[1], shape[0]), compute_dtype=torch.float32)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(2, 7, shape[1], requires_grad=True)
+    grad_out = torch.randn(2, 7, shape[0])
+    layer(x).backward(grad_out)
+
+    x_ref = x.detach().clone().requires_grad_()
+    bias_ref = layer.bias.detach().clone().requires_grad_()
+    y_ref = F.linear(x_ref, layer.dequantize(), bias_ref)
+    y_ref.backward(grad_out)
+    torch.testing.assert_close(layer(x), y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.bias.grad, bias_ref.grad)
+
+
 def saved_for_backward(fn) -> list[torch.Tensor]:
     """Every tensor autograd saves while fn() runs."""
     saved = []

@@ -2,7 +2,10 @@
 
 forward(x) = x · dequant(W)ᵀ + b, in `compute_dtype`. The weight is dequantized for the matmul
 and dropped; backward dequantizes it again for the input gradient (the weight gets none), so a
-float copy of W never lives from forward to backward.
+float copy of W never lives from forward to backward. On CPU, W is not even whole at any time:
+the matmuls run over slabs of ~1M values, dequantized one after the other. A slab stays in cache
+and reuses freed memory, where a whole W would cost a page fault per 4 KiB (more time than the
+dequantization) and |W| of extra peak memory.
 
 The state dict has bitsandbytes' `Linear4bit` layout (prefix P):
     P.weight                                uint8 [numel // 2, 1], packed 4-bit codes
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,7 @@ from qdylora_cli.quant.nf4 import (
     NF4_CODE,
     NF4State,
     check_quantizable,
+    dequantize_absmax,
     dequantize_nf4,
     dynamic_map,
     quantize_nf4,
@@ -37,6 +42,75 @@ from qdylora_cli.quant.nf4 import (
 
 _QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_SLAB = 1 << 20  # values of W dequantized at a time on CPU
+
+
+def _slabs(state: NF4State, by_columns: bool) -> Iterator[tuple[slice, NF4State]]:
+    """W (out × in) as slabs of rows or of columns, each its own NF4State; the whole W off the CPU.
+
+    A slab of rows is a contiguous range of the flat layout as long as it holds whole blocks. A
+    slab of columns needs rows made of whole blocks (in_features a multiple of the blocksize).
+    """
+    out_features, in_features = state.shape
+    blocksize = state.blocksize
+    if state.packed.device.type != "cpu" or (by_columns and in_features % blocksize):
+        yield slice(None), state
+        return
+    absmax = dequantize_absmax(state)
+    if by_columns:
+        step = max(blocksize, _SLAB // out_features // blocksize * blocksize)
+        packed = state.packed.view(out_features, in_features // 2)
+        absmax = absmax.view(out_features, in_features // blocksize)
+        for start in range(0, in_features, step):
+            stop = min(start + step, in_features)
+            yield (
+                slice(start, stop),
+                NF4State(
+                    packed[:, start // 2 : stop // 2].contiguous(),
+                    absmax[:, start // blocksize : stop // blocksize].contiguous().view(-1),
+                    torch.Size((out_features, stop - start)),
+                    state.dtype,
+                    blocksize,
+                ),
+            )
+    else:
+        whole_blocks = blocksize // math.gcd(in_features, blocksize)  # rows
+        step = max(whole_blocks, _SLAB // in_features // whole_blocks * whole_blocks)
+        for start in range(0, out_features, step):
+            stop = min(start + step, out_features)
+            first, last = start * in_features, stop * in_features
+            yield (
+                slice(start, stop),
+                NF4State(
+                    state.packed[first // 2 : last // 2],
+                    absmax[first // blocksize : last // blocksize],
+                    torch.Size((stop - start, in_features)),
+                    state.dtype,
+                    blocksize,
+                ),
+            )
+
+
+def _linear(x: Tensor, state: NF4State, bias: Tensor | None) -> Tensor:
+    """x · Wᵀ + b, one slab of W's rows (output features) at a time."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = x2.new_empty(x2.shape[0], state.shape[0])
+    for rows, slab in _slabs(state, by_columns=False):
+        w = dequantize_nf4(slab, x.dtype)
+        if bias is None:
+            torch.mm(x2, w.t(), out=out[:, rows])
+        else:
+            torch.addmm(bias[rows], x2, w.t(), out=out[:, rows])
+    return out.view(*x.shape[:-1], -1)
+
+
+def _grad_input(grad_out: Tensor, state: NF4State) -> Tensor:
+    """grad_out · W, one slab of W's columns (input features) at a time."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    out = g2.new_empty(g2.shape[0], state.shape[1])
+    for cols, slab in _slabs(state, by_columns=True):
+        torch.mm(g2, dequantize_nf4(slab, g2.dtype), out=out[:, cols])
+    return out.view(*grad_out.shape[:-1], -1)
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -44,14 +118,14 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, weight, state):
-        if weight is None:
-            weight = dequantize_nf4(state, x.dtype)
         # Only the packed tensors are saved (with version checks); the rest is plain metadata.
         ctx.save_for_backward(state.packed, state.absmax, state.nested_absmax)
         ctx.layout = dict(
             shape=state.shape, dtype=state.dtype, blocksize=state.blocksize, nested_offset=state.nested_offset
         )
         ctx.has_bias = bias is not None
+        if weight is None:
+            return _linear(x, state, bias)
         return F.linear(x, weight.to(x.dtype), bias)
 
     @staticmethod
@@ -60,7 +134,7 @@ class _NF4Matmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             packed, absmax, nested_absmax = ctx.saved_tensors
             state = NF4State(packed, absmax, nested_absmax=nested_absmax, **ctx.layout)
-            grad_x = grad_out @ dequantize_nf4(state, grad_out.dtype)
+            grad_x = _grad_input(grad_out, state)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None

@@ -55,7 +55,10 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the ones bitsandbytes 
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_CHUNK = 1 << 18  # values per CPU chunk: its float32 temporaries (1 MiB each) stay in L2
+# Values per chunk. On CPU a chunk's float32 temporaries (1 MiB each) stay in L2; on GPUs chunks
+# only bound the temporary memory, and are large enough that launches cost nothing.
+_CPU_CHUNK = 1 << 18
+_GPU_CHUNK = 1 << 24
 _CELLS = 1024  # cells per unit of [-1, 1] for the NF4 code search; far finer than the code spacing
 _CELL_MARGIN = 1e-5  # widens each cell by far more than the float32 error of the cell index
 
@@ -84,9 +87,7 @@ class NF4State:
     shape: torch.Size  # shape of the original weight
     dtype: torch.dtype  # dtype of the original weight; what `dequantize_nf4` returns by default
     blocksize: int = 64
-    nested_absmax: Tensor | None = (
-        None  # float32 [ceil(blocks / 256)]: scale of each 256-block of absmax codes
-    )
+    nested_absmax: Tensor | None = None  # float32 [ceil(blocks / 256)]: one scale per 256 absmax codes
     nested_offset: float | None = None  # mean of the block absmax values, subtracted before the 8-bit pass
 
     @property
@@ -191,7 +192,7 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, *, backend
     if backend != "torch":
         raise ValueError(f"unknown NF4 dequantize backend {backend!r}; expected 'torch', 'bnb' or 'auto'")
 
-    packed, blocksize, device = state.packed.view(-1), state.blocksize, state.packed.device
+    packed, blocksize, device = state.packed.reshape(-1), state.blocksize, state.packed.device
     n = packed.numel() * 2
     absmax = dequantize_absmax(state)
     pair_table = _tables(device).pairs
@@ -273,10 +274,8 @@ def _bitsandbytes():
 
 
 def _chunk_size(n: int, blocksize: int, device: torch.device) -> int:
-    # On GPUs one launch per op beats chunking; the CPU wants cache-sized pieces.
-    if device.type != "cpu":
-        return n
-    return min(n, max(blocksize, _CHUNK // blocksize * blocksize))
+    chunk = _CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK
+    return min(n, max(blocksize, chunk // blocksize * blocksize))
 
 
 @dataclass(frozen=True)
@@ -291,9 +290,8 @@ class _Tables:
 @functools.cache
 def _tables(device: torch.device) -> _Tables:
     code = NF4_CODE
-    pairs = torch.stack(
-        [code.repeat_interleave(16), code.repeat(16)], dim=1
-    )  # byte b -> (code[b >> 4], code[b & 15])
+    # Byte b -> (code[b >> 4], code[b & 15]).
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
 
     # Cell c of the NF4 search covers s with (s + 1) * _CELLS in [c, c + 1), widened by a margin.
     # The code spacing is ~80x the cell width, so at most one midpoint falls inside a cell; any
