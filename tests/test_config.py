@@ -286,3 +286,11 @@ def test_eval_and_export_find_the_run_of_a_recipe(tmp_path, monkeypatch):
     save_config(compose_config("train", ["+recipe=tiny"]), tmp_path / "runs" / "tiny" / "config.yaml")
     assert compose_config("eval", ["+recipe=tiny"]).run_dir == "runs/tiny"
     assert compose_config("export", ["+recipe=tiny", "rank=2"]).run_dir == "runs/tiny"
+
+
+def test_rank_schedule_kinds_match_the_samplers():
+    # config.py keeps its own list so validation needs no torch; it must name exactly the registered samplers.
+    from qdylora_cli.adapters.rank import RANK_SAMPLERS
+    from qdylora_cli.config import RANK_SCHEDULES
+
+    assert set(RANK_SCHEDULES) == set(RANK_SAMPLERS)
