@@ -18,15 +18,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
-from qdylora_cli.adapters import adapter_state_dict, build_rank_sampler, count_parameters, load_adapter_state_dict, set_rank
+from qdylora_cli.adapters import build_rank_sampler, count_parameters, load_adapter_state_dict, set_rank
 from qdylora_cli.checkpoint import atomic_write_text, latest_good_checkpoint, save_adapter, save_checkpoint
 from qdylora_cli.config import save_config
 from qdylora_cli.data import batch_order, collate, load_datasets
+from qdylora_cli.distributed import (
+    check_replicas,
+    gathered_adapter_state,
+    load_optimizer_state,
+    make_nf4_shardable,
+    optimizer_state,
+)
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import rank_losses
 from qdylora_cli.model import build_training_model, enable_gradient_checkpointing
@@ -208,6 +215,16 @@ class StopOnSignal:
 # --- the loop --------------------------------------------------------------------------------------
 
 
+def _fsdp2(accelerator: Accelerator) -> bool:
+    """Whether accelerate was launched with FSDP; only FSDP2 can shard NF4 codes (see distributed.py)."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise QdyloraError("FSDP version 1 cannot shard NF4 weights; set fsdp_config.fsdp_version: 2 "
+                           "(see conf/accelerate/fsdp.yaml)")
+    return True
+
+
 def _make_accelerator(cfg: Any) -> Accelerator:
     on_cuda = torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and not on_cuda:
@@ -228,7 +245,16 @@ def run(cfg: Any) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(t.seed)
-    model, tokenizer, meta = build_training_model(cfg, run_dir)
+    fsdp = _fsdp2(accelerator)
+    # Under FSDP the model is loaded to the CPU and each GPU receives only its shards at `prepare`.
+    load_device = torch.device("cpu") if fsdp else accelerator.device
+    with accelerator.main_process_first():  # the main process writes run_dir/base_model, the others reuse it
+        model, tokenizer, meta = build_training_model(cfg, run_dir, device=load_device,
+                                                      quantize_device=accelerator.device)
+    if resume_from is not None:  # before FSDP splits the adapters into shards
+        load_adapter_state_dict(model, load_file(str(resume_from / "adapter.safetensors")))
+    if fsdp:
+        make_nf4_shardable(model)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
@@ -241,6 +267,7 @@ def run(cfg: Any) -> Path:
     warmup = math.ceil(cfg.optimizer.warmup_ratio * t.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer.scheduler, t.max_steps, warmup))
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them by sharded ones
     sampler = build_rank_sampler(cfg.rank_schedule.kind, r_max=cfg.adapter.r_max,
                                  min_rank=cfg.rank_schedule.min_rank, rank=cfg.rank_schedule.rank, seed=t.seed)
     batches = BatchStream(train_set, t.batch_size, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
@@ -257,14 +284,19 @@ def run(cfg: Any) -> Path:
         save_config(cfg, run_dir / "config.yaml")
         _truncate_metrics(run_dir / "metrics.jsonl", step)
 
+    ranks: list[int] = []  # drawn since this process started: part of the replica check
+
     def checkpoint(at: int) -> Path:
+        adapters = gathered_adapter_state(accelerator.unwrap_model(model))  # every process: collective under FSDP
+        optimizer_state_dict = optimizer_state(accelerator.unwrap_model(model), optimizer)
+        check_replicas(accelerator, adapters, ranks, at)
         state = {"step": at, "bad_steps": bad_steps, "data": batches.state_dict(), "sampler": sampler.state_dict(),
                  "rng": rng_state(), "scheduler": scheduler.state_dict(),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
 
         def write(tmp: Path) -> None:
-            save_file(adapter_state_dict(accelerator.unwrap_model(model)), str(tmp / "adapter.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(adapters, str(tmp / "adapter.safetensors"))
+            torch.save(optimizer_state_dict, tmp / "optimizer.pt")
             torch.save(state, tmp / "state.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": at, **batches.state_dict()}))
 
@@ -282,6 +314,7 @@ def run(cfg: Any) -> Path:
         while step < t.max_steps:
             step_start = time.perf_counter()
             rank = sampler.sample()
+            ranks.append(rank)
             set_rank(model, rank)
             loss_sum, tokens = torch.zeros((), device=accelerator.device), 0
             for micro in range(t.grad_accum):
@@ -335,8 +368,9 @@ def run(cfg: Any) -> Path:
 
     final = run_dir / "adapter"
     checkpoint(step)
+    adapters = gathered_adapter_state(accelerator.unwrap_model(model))
     if main:
-        save_adapter(final, adapter_state_dict(accelerator.unwrap_model(model)), meta)
+        save_adapter(final, adapters, meta)
         print(f"done: {step} steps in {time.perf_counter() - start:.1f}s; adapter for ranks 1..{cfg.adapter.r_max} "
               f"in {final}")
     accelerator.wait_for_everyone()
@@ -355,8 +389,9 @@ def _broadcast_path(accelerator: Accelerator, path: Path | None) -> Path | None:
 
 
 def _load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, sampler, batches) -> tuple[int, int]:
-    load_adapter_state_dict(accelerator.unwrap_model(model), load_file(str(path / "adapter.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True))
+    """Everything but the adapter weights, which `run` loads before the model is prepared."""
+    optimizer_state_dict = torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True)
+    load_optimizer_state(accelerator.unwrap_model(model), optimizer, optimizer_state_dict)
     state = torch.load(path / "state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
