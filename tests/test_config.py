@@ -52,7 +52,7 @@ def test_tiny_recipe():
     assert cfg.data.path == "builtin:tiny-instructions" and cfg.data.format == "alpaca"
     assert cfg.quant.type == "nf4"
     assert 8 <= cfg.adapter.r_max <= 16
-    assert cfg.optimizer.name == "adamw" and cfg.optimizer.lr == pytest.approx(1e-3)
+    assert cfg.optimizer.name == "adamw" and cfg.optimizer.lr == pytest.approx(5e-3)
     assert cfg.train.mixed_precision == "no" and not cfg.train.gradient_checkpointing
 
 
@@ -89,7 +89,7 @@ def test_llama_recipes(recipe, model_id):
 def test_overrides_beat_recipe_and_groups_can_be_swapped():
     cfg = compose_config("train", ["+recipe=tiny", "adapter.r_max=16", "optimizer=adamw_8bit", "name=r16"])
     assert cfg.adapter.r_max == 16 and cfg.optimizer.name == "adamw_8bit" and cfg.run_dir == "runs/r16"
-    assert cfg.optimizer.lr == pytest.approx(1e-3)  # the recipe's value survives the group swap
+    assert cfg.optimizer.lr == pytest.approx(5e-3)  # the recipe's value survives the group swap
 
 
 def test_hub_ids_and_local_paths(stories260k, alpaca_1k):
