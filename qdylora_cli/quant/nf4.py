@@ -199,16 +199,18 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, *, backend
     chunk = _chunk_size(n, blocksize, device)
 
     out = torch.empty(n, dtype=dtype, device=device)
-    byte_index = torch.empty(chunk // 2, dtype=torch.int32, device=device)
+    byte_index = torch.empty(chunk // 2, dtype=torch.int64, device=device)
     pairs = torch.empty(chunk // 2, dtype=torch.int64, device=device)
     product = out if dtype == torch.float32 else torch.empty(chunk, dtype=torch.float32, device=device)
 
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         m, bytes_ = stop - start, slice(start // 2, stop // 2)
-        # One gather per byte: its two code values, stored as one int64 so the gather is 1-D.
-        byte_index[: m // 2].copy_(packed[bytes_])
-        torch.index_select(pair_table, 0, byte_index[: m // 2], out=pairs[: m // 2])
+        # One lookup per byte: its two code values, stored as one int64. A 2-D gather (a row per
+        # block, the table broadcast to every row) runs on all threads; index_select would not.
+        index = byte_index[: m // 2].copy_(packed[bytes_]).view(-1, blocksize // 2)
+        table = pair_table.expand(index.shape[0], 256)
+        torch.gather(table, 1, index, out=pairs[: m // 2].view(-1, blocksize // 2))
         codes = pairs[: m // 2].view(torch.float32).view(-1, blocksize)
         scale = absmax[start // blocksize : stop // blocksize, None]
         if product is out:
