@@ -141,7 +141,7 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
     magnitude = torch.empty(chunk, dtype=flat.dtype, device=device)
     scaled = torch.empty(chunk, dtype=torch.float32, device=device)
     cell = torch.empty(chunk, dtype=torch.float32, device=device)
-    cell_index = torch.empty(chunk, dtype=torch.int32, device=device)
+    cell_index = torch.empty(chunk, dtype=torch.int64, device=device)
     inner_midpoint = torch.empty(chunk, dtype=torch.float32, device=device)
     above = torch.empty(chunk, dtype=torch.bool, device=device)
     codes = torch.empty(chunk, dtype=torch.uint8, device=device)
@@ -163,11 +163,13 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
         s = torch.mul(values, inverse[:, None], out=scaled[:m].view(-1, blocksize)).view(-1).clamp_(-1.0, 1.0)
 
         # Code index = number of midpoints below s: midpoints below s's cell, plus one comparison
-        # with the midpoint that may lie inside the cell (see _nf4_cells).
+        # with the midpoint that may lie inside the cell (see _tables). The lookups are 2-D gathers
+        # (a row per block, the table broadcast to every row): those run on all threads.
         torch.add(s, 1.0, out=cell[:m]).mul_(_CELLS)
-        cell_index[:m].copy_(cell[:m])
-        q = torch.index_select(tables.cell_count, 0, cell_index[:m], out=codes[:m])
-        torch.index_select(tables.cell_midpoint, 0, cell_index[:m], out=inner_midpoint[:m])
+        index = cell_index[:m].copy_(cell[:m]).view(-1, blocksize)
+        rows = (index.shape[0], tables.cell_count.numel())
+        q = torch.gather(tables.cell_count.expand(rows), 1, index, out=codes[:m].view(-1, blocksize)).view(-1)
+        torch.gather(tables.cell_midpoint.expand(rows), 1, index, out=inner_midpoint[:m].view(-1, blocksize))
         q.add_(torch.gt(s, inner_midpoint[:m], out=above[:m]))
         torch.add(q[1::2], q[0::2], alpha=16, out=packed[start // 2 : stop // 2])
 
