@@ -305,8 +305,13 @@ def run(cfg: Any) -> Path:
         accelerator.wait_for_everyone()
         return path
 
+    start = time.perf_counter()
+    if step == 0 and t.eval_every > 0 and val_batches:  # every process: FSDP's forward is collective
+        # The starting point of the curve: the base model alone and the untrained adapters (B = 0) agree.
+        losses = rank_losses(accelerator.unwrap_model(model), val_batches, [0], device=accelerator.device)
+        if main:
+            _append_metrics(run_dir, {"step": 0, "elapsed": 0.0, "val_loss": {str(r): round(losses[0], 6) for r in eval_ranks}})
     model.train()
-    start, tokens_done = time.perf_counter(), 0
     progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), disable=not main, transient=False)
     with StopOnSignal() as stop, progress:
@@ -344,7 +349,6 @@ def run(cfg: Any) -> Path:
             scheduler.step()
             step += 1
 
-            tokens_done += tokens * accelerator.num_processes
             record = {"step": step, "loss": loss_value, "rank": rank, "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": round(tokens * accelerator.num_processes / (time.perf_counter() - step_start), 1),
                       "elapsed": round(time.perf_counter() - start, 3)}
@@ -353,8 +357,7 @@ def run(cfg: Any) -> Path:
                 record["val_loss"] = {str(r): round(v, 6) for r, v in losses.items()}
                 set_rank(model, rank)
             if main and (step % t.log_every == 0 or "val_loss" in record or step == t.max_steps):
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                _append_metrics(run_dir, record)
             progress.update(task, completed=step, info=f"loss {loss_value:.4f}  rank {rank:>3}  "
                                                        f"{record['tokens_per_s']:,.0f} tok/s")
             if stop.signum is not None or (t.save_every > 0 and step % t.save_every == 0 and step < t.max_steps):
@@ -400,6 +403,11 @@ def _load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, sch
         accelerator.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return state["step"], state["bad_steps"]
+
+
+def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
