@@ -124,7 +124,6 @@ class LoopConfig:
     max_bad_steps: int = 10
     mixed_precision: str = "bf16"
     resume: bool = False
-    num_workers: int = 0
 
 
 @dataclass
@@ -351,7 +350,7 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
 
     for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "eval_batches", "log_every", "max_bad_steps"):
         _at_least(f"train.{name}", getattr(t, name), 1)
-    for name in ("seed", "save_every", "eval_every", "max_grad_norm", "num_workers"):
+    for name in ("seed", "save_every", "eval_every", "max_grad_norm"):
         _at_least(f"train.{name}", getattr(t, name), 0)
     for r in t.eval_ranks or []:
         if not 0 <= r <= a.r_max:
