@@ -336,6 +336,9 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         _fail("rank_schedule.min_rank", rs.min_rank, f"1..adapter.r_max ({a.r_max})")
     if rs.kind == "fixed" and rs.rank is not None and not 1 <= rs.rank <= a.r_max:
         _fail("rank_schedule.rank", rs.rank, f"1..adapter.r_max ({a.r_max}) or null for r_max")
+    if rs.kind == "fixed" and a.mode == "frozen":
+        # Frozen mode trains only slice b at each step; a fixed-rank (plain QLoRA) run must train all of 1..b.
+        _fail("adapter.mode", a.mode, "full when rank_schedule.kind=fixed (a plain QLoRA baseline)")
 
     _choice("optimizer.name", o.name, OPTIMIZERS)
     _choice("optimizer.scheduler", o.scheduler, SCHEDULERS)
