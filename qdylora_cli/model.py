@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict
-from qdylora_cli.checkpoint import ADAPTER_CONFIG, load_adapter
+from qdylora_cli.checkpoint import ADAPTER_CONFIG, atomic_dir, load_adapter
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.loading import dtype_kwarg, load_quantized
 
@@ -96,16 +96,24 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 def build_training_model(
-    cfg: Any, run_dir: Path, *, device: torch.device | None = None, quantize_device: torch.device | None = None
+    cfg: Any,
+    run_dir: Path,
+    *,
+    device: torch.device | None = None,
+    quantize_device: torch.device | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    save_base: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Tokenizer, quantized model with fresh adapters, and the metadata that rebuilds it later.
 
-    Models built from a config are saved to `run_dir/base_model` first, so eval and export
-    can rebuild the run without the recipe.
+    Models built from a config are saved to `run_dir/base_model` (with `save_base`), so eval and
+    export can rebuild the run without the recipe. That happens last, once the adapters are in:
+    a bad setting fails before anything is written, and a base_model/ left by another config is replaced.
     """
     m, a, q = cfg.model, cfg.adapter, cfg.quant
     dtype = torch_dtype(m.dtype)
-    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
     quant = {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize}
     model = load_base_model(
         m.name_or_path, dtype=dtype, quant=quant, target_modules=tuple(a.target_modules), config=m.config,
@@ -113,10 +121,6 @@ def build_training_model(
     )
     if m.config is not None:
         base_ref = BASE_MODEL_DIR
-        base_dir = Path(run_dir) / BASE_MODEL_DIR
-        if not base_dir.exists():
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
     else:
         local = Path(m.name_or_path).expanduser()
         base_ref = str(local.resolve()) if local.exists() else m.name_or_path
@@ -133,6 +137,13 @@ def build_training_model(
         blocksize=q.blocksize,
         compute_dtype=dtype,
     )
+    if m.config is not None and save_base:
+        # The same fresh weights again (init_seed, forked RNG: the global RNG is untouched), before quantization.
+        base = load_base_model(None, dtype=dtype, quant=quant, target_modules=(), config=m.config, init_seed=m.init_seed)
+        with atomic_dir(Path(run_dir) / BASE_MODEL_DIR, overwrite=True) as tmp:
+            base.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        del base
     meta = {
         "base_model": base_ref,
         "tokenizer": base_ref if m.config is not None else (m.tokenizer or base_ref),

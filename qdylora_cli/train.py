@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate.state import AcceleratorState
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
@@ -36,7 +38,12 @@ from qdylora_cli.distributed import (
 )
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import rank_losses
-from qdylora_cli.model import build_training_model, enable_gradient_checkpointing
+from qdylora_cli.model import (
+    BASE_MODEL_DIR,
+    build_training_model,
+    enable_gradient_checkpointing,
+    load_tokenizer,
+)
 from qdylora_cli.quant import import_bitsandbytes
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,8 @@ _RUN_IDENTITY = ("model", "data", "quant", "adapter", "rank_schedule")
 
 
 def prepare_run_dir(cfg: Any, run_dir: Path) -> Path | None:
-    """Refuse to clobber an existing run; return the checkpoint to resume from, if any."""
+    """Refuse to clobber an existing run; return the checkpoint to resume from, if any. Writes nothing."""
+    _check_writable(run_dir)
     is_run = (run_dir / "config.yaml").exists()
     if cfg.train.resume:
         if not is_run:
@@ -67,16 +75,33 @@ def prepare_run_dir(cfg: Any, run_dir: Path) -> Path | None:
         if ckpt is None:
             raise QdyloraError(f"train.resume=true but {run_dir / 'checkpoints'} holds no usable checkpoint")
         return ckpt
-    if is_run:
-        if not cfg.overwrite:
-            raise QdyloraError(
-                f"{run_dir} already holds a run; pass train.resume=true to continue it or overwrite=true to replace it"
-            )
-        for name in ("checkpoints", "adapter", "base_model", "eval", "export"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "config.yaml"):
-            (run_dir / name).unlink(missing_ok=True)
+    if is_run and not cfg.overwrite:
+        raise QdyloraError(
+            f"{run_dir} already holds a run; pass train.resume=true to continue it or overwrite=true to replace it"
+        )
     return None
+
+
+def clear_old_run(run_dir: Path, *, keep_base: bool) -> None:
+    """overwrite=true: drop the previous run's files, once the new run's inputs have all loaded.
+
+    `keep_base`: the new run has just written its own base_model/ (a model built from a config).
+    """
+    for name in ("checkpoints", "adapter", "eval", "export", *(() if keep_base else ("base_model",))):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "config.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """run_dir must be a directory we can write, or creatable inside one."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise QdyloraError(f"run_dir={str(run_dir)!r}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QdyloraError(f"run_dir={str(run_dir)!r}: {existing} is not writable")
 
 
 # --- optimizer and schedule ----------------------------------------------------------------------
@@ -231,6 +256,9 @@ def _make_accelerator(cfg: Any) -> Accelerator:
         raise QdyloraError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
     # Adapter slices the sampled rank does not reach get no gradient: DDP must expect unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # accelerate keeps its settings process-wide: a second run in one process (tests, notebooks) with
+    # another mixed_precision would be refused. The process/device state (PartialState) is kept.
+    AcceleratorState._reset_state()
     return Accelerator(cpu=not on_cuda, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[ddp])
 
 
@@ -242,22 +270,32 @@ def run(cfg: Any) -> Path:
     main = accelerator.is_main_process
     resume_from = prepare_run_dir(cfg, run_dir) if main else None
     resume_from = _broadcast_path(accelerator, resume_from)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    replacing = main and not t.resume and (run_dir / "config.yaml").exists()  # overwrite=true (else refused)
+
+    # Bad input must cost nothing: the tokenizer and the data are read before anything is written or deleted.
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
 
     seed_everything(t.seed)
     fsdp = _fsdp2(accelerator)
     # Under FSDP the model is loaded to the CPU and each GPU receives only its shards at `prepare`.
     load_device = torch.device("cpu") if fsdp else accelerator.device
     with accelerator.main_process_first():  # the main process writes run_dir/base_model, the others reuse it
-        model, tokenizer, meta = build_training_model(cfg, run_dir, device=load_device,
-                                                      quantize_device=accelerator.device)
+        model, tokenizer, meta = build_training_model(
+            cfg, run_dir, device=load_device, quantize_device=accelerator.device, tokenizer=tokenizer,
+            save_base=main and not (resume_from is not None and (run_dir / BASE_MODEL_DIR).is_dir()))
+    if replacing:
+        clear_old_run(run_dir, keep_base=cfg.model.config is not None)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QdyloraError(f"run_dir={str(run_dir)!r}: cannot create it ({e.strerror})") from None
     if resume_from is not None:  # before FSDP splits the adapters into shards
         load_adapter_state_dict(model, load_file(str(resume_from / "adapter.safetensors")))
     if fsdp:
         make_nf4_shardable(model)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
     trainable, total = count_parameters(model)
     log.info("%s: %d adapted layers; trainable %s of %s parameters (%.3f%%)", meta["base_model"],
              len(meta["target_modules"]), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -276,9 +314,10 @@ def run(cfg: Any) -> Path:
                    for i in range(0, len(val_set), t.batch_size)][: t.eval_batches]
     eval_ranks = sorted(set(t.eval_ranks or [1, max(1, cfg.adapter.r_max // 4), cfg.adapter.r_max]))
 
-    step, bad_steps = 0, 0
+    step, bad_steps, skipped_total = 0, 0, 0
     if resume_from is not None:
-        step, bad_steps = _load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, sampler, batches)
+        step, bad_steps, skipped_total = _load_checkpoint(resume_from, accelerator, model, optimizer, scheduler,
+                                                          sampler, batches)
         log.info("resuming from %s (step %d)", resume_from, step)
     if main:
         save_config(cfg, run_dir / "config.yaml")
@@ -290,7 +329,7 @@ def run(cfg: Any) -> Path:
         adapters = gathered_adapter_state(accelerator.unwrap_model(model))  # every process: collective under FSDP
         optimizer_state_dict = optimizer_state(accelerator.unwrap_model(model), optimizer)
         check_replicas(accelerator, adapters, ranks, at)
-        state = {"step": at, "bad_steps": bad_steps, "data": batches.state_dict(), "sampler": sampler.state_dict(),
+        state = {"step": at, "bad_steps": bad_steps, "skipped_total": skipped_total, "data": batches.state_dict(), "sampler": sampler.state_dict(),
                  "rng": rng_state(), "scheduler": scheduler.state_dict(),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
 
@@ -333,10 +372,12 @@ def run(cfg: Any) -> Path:
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
             loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
             scaler_handles_it = accelerator.scaler is not None and math.isfinite(loss_value)
-            if math.isfinite(loss_value) and (math.isfinite(float(grad_norm)) or scaler_handles_it):
+            skipped = not (math.isfinite(loss_value) and (math.isfinite(float(grad_norm)) or scaler_handles_it))
+            if not skipped:
                 optimizer.step()
                 bad_steps = 0
             else:
+                skipped_total += 1
                 bad_steps += 1
                 log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped (%d in a row)",
                             step + 1, loss_value, bad_steps)
@@ -352,11 +393,13 @@ def run(cfg: Any) -> Path:
             record = {"step": step, "loss": loss_value, "rank": rank, "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": round(tokens * accelerator.num_processes / (time.perf_counter() - step_start), 1),
                       "elapsed": round(time.perf_counter() - start, 3)}
+            if skipped:  # non-finite loss or gradient: no update (counted; see train.max_bad_steps)
+                record.update(skipped=True, bad_steps=bad_steps, skipped_total=skipped_total)
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps) and val_batches:
                 losses = rank_losses(accelerator.unwrap_model(model), val_batches, eval_ranks, device=accelerator.device)
                 record["val_loss"] = {str(r): round(v, 6) for r, v in losses.items()}
                 set_rank(model, rank)
-            if main and (step % t.log_every == 0 or "val_loss" in record or step == t.max_steps):
+            if main and (step % t.log_every == 0 or "val_loss" in record or skipped or step == t.max_steps):
                 _append_metrics(run_dir, record)
             progress.update(task, completed=step, info=f"loss {loss_value:.4f}  rank {rank:>3}  "
                                                        f"{record['tokens_per_s']:,.0f} tok/s")
@@ -391,7 +434,8 @@ def _broadcast_path(accelerator: Accelerator, path: Path | None) -> Path | None:
     return Path(box[0]) if box[0] is not None else None
 
 
-def _load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, sampler, batches) -> tuple[int, int]:
+def _load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, sampler,
+                     batches) -> tuple[int, int, int]:
     """Everything but the adapter weights, which `run` loads before the model is prepared."""
     optimizer_state_dict = torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True)
     load_optimizer_state(accelerator.unwrap_model(model), optimizer, optimizer_state_dict)
@@ -402,7 +446,7 @@ def _load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, sch
     if state["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return state["step"], state["bad_steps"]
+    return state["step"], state["bad_steps"], state.get("skipped_total", 0)
 
 
 def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -414,5 +458,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records past the checkpoint so the log reads as one uninterrupted run."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the half line of a process killed mid-write
+            continue
+        if isinstance(record, dict) and record.get("step", math.inf) <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
