@@ -14,6 +14,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict
 from qdylora_cli.checkpoint import ADAPTER_CONFIG, atomic_dir, load_adapter
@@ -140,9 +141,15 @@ def build_training_model(
     if m.config is not None and save_base:
         # The same fresh weights again (init_seed, forked RNG: the global RNG is untouched), before quantization.
         base = load_base_model(None, dtype=dtype, quant=quant, target_modules=(), config=m.config, init_seed=m.init_seed)
-        with atomic_dir(Path(run_dir) / BASE_MODEL_DIR, overwrite=True) as tmp:
-            base.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a small model in one shard: no "Writing model shards" bar on stderr
+        try:
+            with atomic_dir(Path(run_dir) / BASE_MODEL_DIR, overwrite=True) as tmp:
+                base.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         del base
     meta = {
         "base_model": base_ref,
