@@ -26,6 +26,7 @@ from qdylora_cli.config import (
     EvalConfig,
     ExportConfig,
     TrainConfig,
+    load_eval_source,
     load_run_config,
     to_typed,
     unknown_key_message,
@@ -181,8 +182,10 @@ def compose_config(
         run_dir = to_typed("train", _compose_raw("train", [f"+recipes={recipe}"], config_dir)).run_dir
         overrides = [f"run_dir={_quote(run_dir)}", *overrides]
     cfg = to_typed(command, _compose_raw(command, overrides, config_dir))
-    r_max = load_run_config(cfg.run_dir).adapter.r_max
-    return validate_eval(cfg, r_max) if command == "eval" else validate_export(cfg, r_max)
+    if command == "export":
+        return validate_export(cfg, load_run_config(cfg.run_dir).adapter.r_max)
+    run_cfg, merged_rank = load_eval_source(cfg.run_dir)
+    return validate_eval(cfg, run_cfg.adapter.r_max, merged_rank)
 
 
 # --- help --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ paths. Every problem becomes one `QdyloraError` line naming the key and what was
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -30,12 +31,13 @@ TEMPLATES = ("alpaca", "plain")
 QUANT_TYPES = ("nf4", "none")
 ADAPTER_MODES = ("frozen", "full")
 ADAPTER_VARIANTS = ("lora", "dora")
-RANK_SCHEDULES = ("uniform", "fixed")  # the kinds in adapters.rank.RANK_SAMPLERS (kept torch-free here)
+RANK_SCHEDULES = ("uniform", "fixed", "octave", "harmonic")  # the kinds in adapters.rank.RANK_SAMPLERS (kept torch-free here)
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
 SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("bf16", "fp16", "no")
 EVAL_TASKS = ("none", "gsm8k", "mcq")
 EXPORT_FORMATS = ("peft", "merged")
+EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run it came from
 BUILTIN_DATA = ("builtin:tiny-instructions",)
 
 
@@ -154,10 +156,13 @@ class EvalConfig:
     data: DataConfig | None = None  # null: the run's own validation data
     batch_size: int = 8
     max_batches: int | None = None
+    ranks_per_pass: int = 8
     task: str = "none"
+    choices_field: str = "choices"
     max_new_tokens: int = 256
     max_samples: int | None = None
     tolerance: float = 0.01
+    out_dir: str | None = None  # null: RUN_DIR/eval
     overwrite: bool = False
 
 
@@ -365,11 +370,17 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     return cfg
 
 
-def validate_eval(cfg: EvalConfig, r_max: int) -> EvalConfig:
-    parse_rank_spec(cfg.rank, r_max)
+def validate_eval(cfg: EvalConfig, r_max: int, merged_rank: int | None = None) -> EvalConfig:
+    """`merged_rank`: the run_dir is a merged export, which holds that one rank and nothing else."""
+    if merged_rank is not None:
+        if cfg.rank not in ("all", merged_rank, str(merged_rank)):
+            _fail("rank", cfg.rank, f"{merged_rank} or all: {cfg.run_dir} is a merged export of rank {merged_rank}")
+    else:
+        parse_rank_spec(cfg.rank, r_max)
     if cfg.data is not None:
         validate_data(cfg.data, check_paths=True)
     _at_least("batch_size", cfg.batch_size, 1)
+    _at_least("ranks_per_pass", cfg.ranks_per_pass, 1)
     for name in ("max_batches", "max_samples"):
         if getattr(cfg, name) is not None:
             _at_least(name, getattr(cfg, name), 1)
@@ -380,9 +391,10 @@ def validate_eval(cfg: EvalConfig, r_max: int) -> EvalConfig:
 
 
 def validate_export(cfg: ExportConfig, r_max: int) -> ExportConfig:
-    if not 1 <= cfg.rank <= r_max:
-        _fail("rank", cfg.rank, f"a rank in 1..{r_max} (the run's adapter.r_max)")
     _choice("format", cfg.format, EXPORT_FORMATS)
+    low = 0 if cfg.format == "merged" else 1  # a merged rank 0 is the dequantized base alone
+    if not low <= cfg.rank <= r_max:
+        _fail("rank", cfg.rank, f"a rank in {low}..{r_max} (the run's adapter.r_max)")
     if cfg.dtype is not None:
         _choice("dtype", cfg.dtype, DTYPES)
     return cfg
@@ -422,11 +434,10 @@ def parse_rank_spec(spec: Any, r_max: int) -> list[int]:
         _fail("rank", spec, usage)
     if not ranks:
         _fail("rank", spec, usage)
-    for r in ranks:
-        if r < 0:
-            _fail("rank", spec, "ranks >= 0 (0 is the base model)")
-        if r > r_max:
-            raise QdyloraError(f"rank={spec!r}: rank {r} is above the run's adapter.r_max ({r_max})")
+    if min(ranks) < 0:
+        _fail("rank", spec, "ranks >= 0 (0 is the base model)")
+    if max(ranks) > r_max:
+        raise QdyloraError(f"rank={spec!r}: rank {max(ranks)} is above the run's adapter.r_max ({r_max})")
     return sorted(set(ranks))
 
 
@@ -460,3 +471,25 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     except Exception as e:  # any YAML problem is the file's fault
         raise QdyloraError(f"{path}: not a readable config ({str(e).splitlines()[0]})") from None
     return validate_train(to_typed("train", node), check_paths=False)
+
+
+def load_export_info(path: str | Path) -> dict[str, Any] | None:
+    """What `qdylora export` recorded in a merged model directory (rank, source run, its config); else None."""
+    info = Path(path) / EXPORT_INFO
+    if not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QdyloraError(f"{info}: not readable JSON ({e})") from None
+
+
+def load_eval_source(path: str | Path) -> tuple[TrainConfig, int | None]:
+    """The train config behind a run dir or a merged export, and the export's rank (None for a run)."""
+    info = None if (Path(path) / "config.yaml").is_file() else load_export_info(path)
+    if info is None:
+        return load_run_config(path), None
+    if "run_config" not in info or "rank" not in info:
+        raise QdyloraError(f"{Path(path) / EXPORT_INFO}: missing run_config or rank; re-export the model")
+    cfg = validate_train(to_typed("train", OmegaConf.create(info["run_config"])), check_paths=False)
+    return cfg, int(info["rank"])

@@ -118,7 +118,8 @@ def _field(where: str, record: Any, name: str, key: str, required: bool = True) 
     return value
 
 
-def _records(cfg: DataConfig, path: str) -> list[tuple[str, Any]]:
+def read_records(cfg: DataConfig, path: str) -> list[tuple[str, Any]]:
+    """Raw records of an instruction dataset (builtin, Hugging Face or JSON), each with where it came from."""
     if path == "builtin:tiny-instructions":
         from qdylora_cli.tiny import tiny_instructions
 
@@ -153,7 +154,7 @@ def tokenize_pairs(
 
 
 def _instruction_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> list[dict]:
-    records = _records(cfg, path)
+    records = read_records(cfg, path)
     if cfg.max_samples is not None:
         records = records[: cfg.max_samples]
     if not records:

@@ -1,18 +1,50 @@
-"""Validation loss of many ranks at once.
+"""`qdylora eval`: the quality of many ranks of one run, and the rank to pick.
 
 The base weights are the same for every rank, so ranks are evaluated together: the batch is
-repeated once per rank and each adapter applies its own rank to its chunk (see `set_rank` with a
-tuple), so every NF4 weight is dequantized once per batch for all ranks.
+repeated once per rank and each adapter applies its own rank to its chunk (`set_rank` with a
+tuple), so every NF4 weight is dequantized once per batch for all ranks. Greedy generation for
+task metrics batches ranks the same way.
+
+Results go to RUN_DIR/eval: ranks.json, ranks.csv, ranks.png and summary.json, written atomically.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
+import math
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
 
 from qdylora_cli.adapters import set_rank
+from qdylora_cli.checkpoint import atomic_dir
+from qdylora_cli.config import DataConfig, EvalConfig, load_eval_source, parse_rank_spec
+from qdylora_cli.data import (
+    collate,
+    format_prompt,
+    load_datasets,
+    pad_token_id,
+    read_records,
+    split_indices,
+    tokenize_pairs,
+)
+from qdylora_cli.errors import QdyloraError
+
+TASK_METRIC = {"gsm8k": "exact_match", "mcq": "accuracy"}  # higher is better; task none ranks by loss
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+# --- loss of many ranks at once ------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -31,6 +63,10 @@ def _chunk_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], ranks:
     return torch.stack([token_loss.sum(dim=1), counts.to(token_loss.dtype)], dim=1)
 
 
+def _groups(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
 @torch.no_grad()
 def rank_losses(
     model: torch.nn.Module,
@@ -45,10 +81,329 @@ def rank_losses(
     model.eval()
     ranks = list(ranks)
     totals = torch.zeros(len(ranks), 2, dtype=torch.float64)
-    groups = [list(range(i, min(i + ranks_per_pass, len(ranks)))) for i in range(0, len(ranks), ranks_per_pass)]
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        for idx in groups:
+        for idx in _groups(len(ranks), ranks_per_pass):
             totals[idx] += _chunk_losses(model, batch, [ranks[i] for i in idx]).double().cpu()
     model.train(was_training)
     return {r: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, r in enumerate(ranks)}
+
+
+# --- task metrics --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskExample:
+    where: str  # file:line, for error messages
+    prompt: str
+    target: str  # the text whose loss is measured: the reference answer, or the correct letter
+    gold: str | int  # gsm8k: the normalised number; mcq: the index of the correct choice
+    n_choices: int = 0  # mcq only
+
+
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def normalize_number(text: str) -> str:
+    """`1,234.50` -> `1234.5`, `$7.` -> `7`: numbers compare equal however they are written."""
+    text = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def gsm8k_prediction(generated: str) -> str:
+    """The answer in a generation: what follows the last `####`, else the last number in the text."""
+    if "####" in generated:
+        tail = generated.rsplit("####", 1)[1].strip()
+        return normalize_number(tail.split()[0] if tail.split() else "")
+    numbers = _NUMBER.findall(generated)
+    return normalize_number(numbers[-1]) if numbers else ""
+
+
+def _mcq_gold(where: str, answer: Any, choices: list[str], key: str) -> int:
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return answer
+    if isinstance(answer, str):
+        text = answer.strip()
+        if len(text) == 1 and text.upper() in LETTERS[: len(choices)]:
+            return LETTERS.index(text.upper())
+        if text in choices:
+            return choices.index(text)
+    raise QdyloraError(
+        f"{where}: field {key!r}={answer!r}: expected a choice letter, a 0-based index below {len(choices)} or a choice's text"
+    )
+
+
+def _task_example(task: str, where: str, record: Any, data: DataConfig, choices_field: str) -> TaskExample:
+    if not isinstance(record, dict):
+        raise QdyloraError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    question, answer = record.get(data.instruction_field), record.get(data.output_field)
+    if not isinstance(question, str):
+        raise QdyloraError(f"{where}: missing text field {data.instruction_field!r} (set data.instruction_field)")
+    input_ = record.get(data.input_field) or ""
+    if task == "gsm8k":
+        if not isinstance(answer, str) or "####" not in answer:
+            raise QdyloraError(f"{where}: field {data.output_field!r} must be a GSM8K answer ending in '#### N'")
+        gold = normalize_number(answer.rsplit("####", 1)[1])
+        if not gold:
+            raise QdyloraError(f"{where}: field {data.output_field!r} has nothing after '####'")
+        return TaskExample(where, format_prompt(data.template, question, input_), answer, gold)
+    choices = record.get(choices_field)
+    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
+        raise QdyloraError(f"{where}: field {choices_field!r} must be a list of 2 to 26 strings (set choices_field)")
+    gold = _mcq_gold(where, answer, choices, data.output_field)
+    listed = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    prompt = format_prompt(data.template, f"{question}\n{listed}\nAnswer with the letter of the correct choice.", input_)
+    return TaskExample(where, prompt, LETTERS[gold], gold, len(choices))
+
+
+def task_examples(cfg: EvalConfig, data: DataConfig, seed: int, held_out: bool) -> list[TaskExample]:
+    """The task's examples: the held-out records of the run's data, or every record of `data=...`."""
+    if data.format == "text":
+        raise QdyloraError(f"task={cfg.task} needs question/answer records, not a text corpus (data.format=text)")
+    if data.val_path is not None:
+        records = read_records(data, data.val_path)
+    else:
+        records = read_records(data, data.path)[: data.max_samples]
+        if held_out:
+            records = [records[i] for i in split_indices(len(records), data.val_fraction, seed)[1]]
+    examples = [_task_example(cfg.task, where, r, data, cfg.choices_field) for where, r in records]
+    examples = examples[: cfg.max_samples]
+    if not examples:
+        raise QdyloraError(f"task={cfg.task}: no examples to score in {data.val_path or data.path}")
+    return examples
+
+
+def _left_padded(tokenizer: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Prompts padded on the left, so every row's next token is at the same position."""
+    ids = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+    width = max(map(len, ids))
+    pad = pad_token_id(tokenizer)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: Any, tokenizer: Any, prompts: list[str], ranks: Sequence[int], max_new_tokens: int, device: torch.device
+) -> dict[int, list[str]]:
+    """Greedy continuations of `prompts` at each rank, all ranks in one batched `generate`."""
+    set_rank(model, ranks[0] if len(ranks) == 1 else tuple(ranks))
+    inputs = _left_padded(tokenizer, prompts, device)
+    inputs = {k: v.repeat(len(ranks), 1) for k, v in inputs.items()}
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        pad_token_id=pad_token_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
+    )
+    texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    n = len(prompts)
+    return {r: texts[i * n : (i + 1) * n] for i, r in enumerate(ranks)}
+
+
+@torch.no_grad()
+def choice_predictions(
+    model: Any, tokenizer: Any, prompts: list[str], n_choices: list[int], ranks: Sequence[int], device: torch.device
+) -> dict[int, list[int]]:
+    """The choice each rank picks: greedy decoding restricted to the valid letters (their first token)."""
+    letter_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in LETTERS]
+    set_rank(model, ranks[0] if len(ranks) == 1 else tuple(ranks))
+    inputs = _left_padded(tokenizer, prompts, device)
+    inputs = {k: v.repeat(len(ranks), 1) for k, v in inputs.items()}
+    logits = model(**inputs).logits[:, -1].float().cpu()
+    n = len(prompts)
+    picks: dict[int, list[int]] = {}
+    for i, r in enumerate(ranks):
+        rows = logits[i * n : (i + 1) * n]
+        picks[r] = [int(rows[j, letter_ids[: n_choices[j]]].argmax()) for j in range(n)]
+    return picks
+
+
+def task_scores(
+    model: Any, tokenizer: Any, examples: list[TaskExample], task: str, ranks: Sequence[int], cfg: EvalConfig,
+    device: torch.device,
+) -> dict[int, float]:
+    """Exact match (gsm8k) or accuracy (mcq) per rank, in [0, 1]."""
+    correct = dict.fromkeys(ranks, 0)
+    batches = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
+    for batch in track(batches, description=f"{task} ({len(ranks)} ranks)", transient=True):
+        prompts = [e.prompt for e in batch]
+        for idx in _groups(len(ranks), cfg.ranks_per_pass):
+            group = [ranks[i] for i in idx]
+            if task == "gsm8k":
+                texts = greedy_generate(model, tokenizer, prompts, group, cfg.max_new_tokens, device)
+                for r in group:
+                    correct[r] += sum(gsm8k_prediction(t) == e.gold for t, e in zip(texts[r], batch))
+            else:
+                picks = choice_predictions(model, tokenizer, prompts, [e.n_choices for e in batch], group, device)
+                for r in group:
+                    correct[r] += sum(p == e.gold for p, e in zip(picks[r], batch))
+    return {r: correct[r] / len(examples) for r in ranks}
+
+
+# --- choosing a rank -----------------------------------------------------------------------------------
+
+
+def recommend(scores: dict[int, float], higher_is_better: bool, tolerance: float) -> tuple[int, int] | None:
+    """(best rank, smallest rank within `tolerance` (relative) of the best) among ranks > 0; None if none."""
+    ranks = sorted(r for r in scores if r > 0)
+    if not ranks:
+        return None
+    if higher_is_better:
+        best = max(ranks, key=lambda r: (scores[r], -r))
+        good = [r for r in ranks if scores[r] >= scores[best] * (1 - tolerance)]
+    else:
+        best = min(ranks, key=lambda r: (scores[r], r))
+        good = [r for r in ranks if scores[r] <= scores[best] * (1 + tolerance)]
+    return best, min(good)
+
+
+# --- output --------------------------------------------------------------------------------------------
+
+
+def _write_plot(path: Path, rows: list[dict], metric: str, pick: tuple[int, int] | None, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    adapted = [r for r in rows if r["rank"] > 0]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot([r["rank"] for r in adapted], [r[metric] for r in adapted], "o-", label="QDyLoRA at rank b")
+    base = next((r for r in rows if r["rank"] == 0), None)
+    if base is not None:
+        ax.axhline(base[metric], color="gray", linestyle="--", label="base model (no adapter)")
+    if pick is not None:
+        best, chosen = (next(r for r in rows if r["rank"] == b) for b in pick)
+        ax.plot(best["rank"], best[metric], "*", color="tab:red", markersize=14, label=f"best: rank {best['rank']}")
+        ax.plot(chosen["rank"], chosen[metric], "D", color="tab:green", markersize=9,
+                label=f"recommended: rank {chosen['rank']}")
+    ax.set_xlabel("rank b")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out: Path, rows: list[dict], summary: dict, metric: str, overwrite: bool, title: str) -> None:
+    """ranks.json, ranks.csv, ranks.png and summary.json, all or nothing."""
+    pick = (summary["best_rank"], summary["recommended_rank"]) if summary["best_rank"] is not None else None
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "ranks.json").write_text(json.dumps(rows, indent=1))
+        with open(tmp / "ranks.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        _write_plot(tmp / "ranks.png", rows, metric, pick, title)
+
+
+def print_table(rows: list[dict], summary: dict, metric: str) -> None:
+    table = Table(title=f"{summary['run_dir']} on {summary['data']}")
+    columns = [k for k in rows[0] if k != "rank"]
+    table.add_column("rank", justify="right")
+    for name in columns:
+        table.add_column(name.replace("_", " "), justify="right")
+    table.add_column("")
+    for row in rows:
+        note = "base model" if row["rank"] == 0 else ""
+        if row["rank"] == summary["recommended_rank"]:
+            note = "recommended" + (" and best" if row["rank"] == summary["best_rank"] else "")
+        elif row["rank"] == summary["best_rank"]:
+            note = "best"
+        table.add_row(str(row["rank"]), *(f"{row[c]:.4f}" for c in columns), note,
+                      style="bold" if note.startswith("recommended") else None)
+    console = Console()
+    console.print(table)
+    if summary["best_rank"] is not None and sum(r["rank"] > 0 for r in rows) > 1:
+        best, rec = summary["best_rank"], summary["recommended_rank"]
+        by = {r["rank"]: r[metric] for r in rows}
+        console.print(f"best rank: {best} ({metric} {by[best]:.4f}); recommended: rank {rec} ({metric} {by[rec]:.4f}, "
+                      f"the smallest within {summary['tolerance']:.1%} of the best)")
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def _load(run_dir: Path, merged_rank: int | None, device: torch.device) -> tuple[Any, Any]:
+    """The run's model with its adapters, or a merged export as the plain model it is."""
+    from qdylora_cli.loading import dtype_kwarg
+    from qdylora_cli.model import load_run_model, load_tokenizer, torch_dtype
+
+    if merged_rank is None:
+        model, tokenizer, _ = load_run_model(run_dir, device=device)
+        return model, tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from qdylora_cli.config import load_export_info
+
+    dtype = torch_dtype(load_export_info(run_dir)["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(run_dir, **dtype_kwarg(dtype)).to(device).eval()
+    return model, load_tokenizer(str(run_dir))
+
+
+def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[TaskExample] | None) -> list[dict]:
+    if examples is not None:
+        data = cfg.data or run_cfg.data
+        val = tokenize_pairs(tokenizer, [e.prompt for e in examples], [e.target for e in examples], data)
+    elif cfg.data is None:
+        val = load_datasets(run_cfg.data, tokenizer, seed=run_cfg.train.seed)[1]
+        if not val:
+            raise QdyloraError(f"{cfg.run_dir} was trained without validation data (data.val_fraction=0); pass data=...")
+    else:  # data=... on the command line: all of it is evaluation data
+        data = cfg.data if cfg.data.val_path is not None else dataclasses.replace(cfg.data, val_fraction=0.0)
+        train, val = load_datasets(data, tokenizer, seed=run_cfg.train.seed)
+        val = val if cfg.data.val_path is not None else train
+    val = sorted(val, key=lambda e: len(e["input_ids"]))  # similar lengths share a batch: less padding
+    pad = pad_token_id(tokenizer)
+    batches = [collate(val[i : i + cfg.batch_size], pad) for i in range(0, len(val), cfg.batch_size)]
+    return batches[: cfg.max_batches]
+
+
+def run(cfg: EvalConfig) -> list[dict]:
+    """Evaluate the requested ranks (and the base model), print the table, write RUN_DIR/eval. Returns the rows."""
+    run_dir = Path(cfg.run_dir)
+    out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval"
+    if out.exists() and not cfg.overwrite:  # before any work, not after it
+        raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it (or out_dir=... for another)")
+    run_cfg, merged_rank = load_eval_source(run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load(run_dir, merged_rank, device)
+    if merged_rank is None:
+        ranks = sorted({0, *parse_rank_spec(cfg.rank, run_cfg.adapter.r_max)})  # the base is the reference line
+        shown = {r: r for r in ranks}
+    else:  # a merged model is rank `merged_rank` with no adapter left to switch
+        ranks, shown = [0], {0: merged_rank}
+
+    examples = None
+    if cfg.task != "none":
+        data = cfg.data or run_cfg.data
+        examples = task_examples(cfg, data, run_cfg.train.seed, held_out=cfg.data is None)
+    batches = _loss_batches(cfg, run_cfg, tokenizer, examples)
+    losses = rank_losses(model, track(batches, description=f"loss ({len(ranks)} ranks)", transient=True), ranks,
+                         ranks_per_pass=cfg.ranks_per_pass, device=device)
+    rows = [{"rank": shown[r], "loss": losses[r], "perplexity": math.exp(min(losses[r], 700))} for r in ranks]
+    metric, higher = "loss", False
+    if examples is not None:
+        metric, higher = TASK_METRIC[cfg.task], True
+        scores = task_scores(model, tokenizer, examples, cfg.task, ranks, cfg, device)
+        for row, r in zip(rows, ranks):
+            row[metric] = scores[r]
+
+    pick = recommend({row["rank"]: row[metric] for row in rows}, higher, cfg.tolerance)
+    data_name = (cfg.data.val_path or cfg.data.path) if cfg.data else "the run's validation data"
+    summary = {
+        "run_dir": str(run_dir), "data": data_name, "task": cfg.task, "metric": metric,
+        "tolerance": cfg.tolerance, "batches": len(batches),
+        "best_rank": pick[0] if pick else None, "recommended_rank": pick[1] if pick else None,
+    }
+    print_table(rows, summary, metric)
+    write_results(out, rows, summary, metric, cfg.overwrite, title=f"{run_dir.name}: {metric} by rank")
+    print(f"results in {out}/ (ranks.json, ranks.csv, ranks.png, summary.json)")
+    return rows

@@ -1,0 +1,107 @@
+"""`qdylora export`: one rank of a dynamic-rank run as a standard PEFT adapter or a merged model.
+
+Rank b of a DyLoRA adapter is just its first b slices, `A[:b]` and `B[:, :b]`, scaled by α/b:
+exactly a LoRA adapter with `r=b, lora_alpha=α`. So a PEFT export needs no model at all, only
+the saved factors. A merged export rebuilds the run, adds rank b's delta to the dequantized
+base weights and saves a plain Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from qdylora_cli.adapters import merge_adapters
+from qdylora_cli.checkpoint import atomic_dir, load_adapter
+from qdylora_cli.config import EXPORT_INFO, ExportConfig, load_run_config
+from qdylora_cli.errors import QdyloraError
+from qdylora_cli.model import BASE_MODEL_DIR, load_run_model, torch_dtype
+
+log = logging.getLogger(__name__)
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_dir(cfg: ExportConfig) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / "export" / f"rank-{cfg.rank}-{cfg.format}"
+
+
+def peft_adapter(weights: dict[str, torch.Tensor], meta: dict[str, Any], rank: int) -> tuple[dict, dict]:
+    """(PEFT state dict, adapter_config.json contents) of rank `rank` of a saved dynamic-rank adapter."""
+    state = {}
+    for name in meta["target_modules"]:
+        key = f"base_model.model.{name}"
+        state[f"{key}.lora_A.weight"] = weights[f"{name}.lora_A"][:rank].contiguous()
+        state[f"{key}.lora_B.weight"] = weights[f"{name}.lora_B"][:, :rank].contiguous()
+        if meta["variant"] == "dora":
+            state[f"{key}.lora_magnitude_vector"] = weights[f"{name}.magnitude"]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": meta["base_model"],
+        "r": rank,
+        "lora_alpha": meta["alpha"],  # PEFT scales by lora_alpha / r: the α/b a DyLoRA rank uses
+        "lora_dropout": 0.0,
+        "target_modules": list(meta["target_modules"]),  # full module names: matches exactly these layers
+        "use_dora": meta["variant"] == "dora",
+        "use_rslora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    return state, config
+
+
+def _export_peft(cfg: ExportConfig, out: Path) -> None:
+    weights, meta = load_adapter(Path(cfg.run_dir) / "adapter")
+    state, config = peft_adapter(weights, meta, cfg.rank)
+    if meta["base_model"] == BASE_MODEL_DIR:  # built from a config: the run keeps the model it trained on
+        config["base_model_name_or_path"] = str((Path(cfg.run_dir) / BASE_MODEL_DIR).resolve())
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        save_file(state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def _export_merged(cfg: ExportConfig, out: Path) -> None:
+    model, tokenizer, meta = load_run_model(Path(cfg.run_dir), device=torch.device("cpu"))
+    merge_adapters(model, cfg.rank)
+    dtype = torch_dtype(cfg.dtype or meta["dtype"])
+    model.to(dtype)
+    info = {
+        "rank": cfg.rank,
+        "format": "merged",
+        "dtype": cfg.dtype or meta["dtype"],
+        "source_run": str(Path(cfg.run_dir).resolve()),
+        "base_model": meta["base_model"],
+        "variant": meta["variant"],
+        # `qdylora eval` of this directory evaluates on the run's validation data with this config
+        "run_config": OmegaConf.to_container(OmegaConf.structured(load_run_config(cfg.run_dir)), resolve=True),
+    }
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+
+
+def run(cfg: ExportConfig) -> Path:
+    """Write the export; refuses to replace an existing one unless overwrite=true. Returns its directory."""
+    out = export_dir(cfg)
+    if out.exists() and not cfg.overwrite:
+        raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it")
+    if cfg.format == "peft":
+        _export_peft(cfg, out)
+        hint = f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})"
+    else:
+        _export_merged(cfg, out)
+        hint = f"AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    print(f"exported rank {cfg.rank} ({cfg.format}) to {out}\nload it with {hint}")
+    return out

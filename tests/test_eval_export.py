@@ -1,0 +1,332 @@
+"""`qdylora eval` and `qdylora export` on short tiny runs: numbers against straightforward references."""
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from qdylora_cli import cli, train
+from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict, set_rank
+from qdylora_cli.checkpoint import load_adapter
+from qdylora_cli.cli import compose_config
+from qdylora_cli.data import load_datasets
+from qdylora_cli.errors import QdyloraError
+from qdylora_cli.evaluate import (
+    greedy_generate,
+    gsm8k_prediction,
+    normalize_number,
+    recommend,
+)
+from qdylora_cli.model import load_run_model
+
+
+def _train(run_dir, *extra):
+    train.run(compose_config("train", ["+recipe=tiny", f"run_dir={run_dir}", "train.save_every=0",
+                                       "train.eval_every=0", "train.batch_size=8", *extra]))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("eval") / "lora", "train.max_steps=40")
+
+
+@pytest.fixture(scope="module")
+def dora_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("eval") / "dora", "train.max_steps=15", "adapter.variant=dora",
+                  "adapter.mode=full")
+
+
+def qdylora(*args):
+    """Run the CLI in-process; returns the exit code (0 when it returns normally)."""
+    try:
+        cli.main(list(args))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def _rows(out_dir):
+    return {row["rank"]: row for row in json.loads((out_dir / "ranks.json").read_text())}
+
+
+@torch.no_grad()
+def reference_loss(model, examples, rank):
+    """Mean token loss one example at a time at one rank: no batching, no padding, no rank sharing."""
+    set_rank(model, rank)
+    total, count = 0.0, 0
+    for e in examples:
+        ids, labels = torch.tensor([e["input_ids"]]), torch.tensor(e["labels"][1:])
+        logits = model(input_ids=ids).logits[0, :-1]
+        total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
+# --- eval ----------------------------------------------------------------------------------------------
+
+
+def test_eval_sweep_matches_one_rank_at_a_time(lora_run, capsys):
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=1..8:3", "batch_size=3", "ranks_per_pass=2") == 0
+    out = lora_run / "eval"
+    rows = _rows(out)
+    assert sorted(rows) == [0, 1, 4, 7]  # the base model is always the reference
+    model, tokenizer, _ = load_run_model(lora_run)
+    run_cfg = compose_config("train", ["+recipe=tiny"])
+    _, val = load_datasets(run_cfg.data, tokenizer, seed=run_cfg.train.seed)
+    for rank in (0, 4, 7):
+        assert rows[rank]["loss"] == pytest.approx(reference_loss(model, val, rank), rel=1e-5)
+        assert rows[rank]["perplexity"] == pytest.approx(torch.tensor(rows[rank]["loss"]).exp().item(), rel=1e-6)
+    assert rows[7]["loss"] < rows[0]["loss"] - 0.5, "training must have moved rank 7 away from the base"
+    with open(out / "ranks.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in table] == [0, 1, 4, 7] and float(table[2]["loss"]) == pytest.approx(rows[4]["loss"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["best_rank"], summary["recommended_rank"]) == recommend(
+        {r: row["loss"] for r, row in rows.items()}, higher_is_better=False, tolerance=0.01)
+    assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "best rank:" in printed and "recommended" in printed and "base model" in printed
+
+
+def test_eval_never_replaces_results_without_overwrite(lora_run, capsys):
+    out = lora_run / "eval-again"
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=2", f"out_dir={out}") == 0
+    before = (out / "ranks.json").read_bytes()
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=3", f"out_dir={out}") == 2
+    assert "already exists; pass overwrite=true" in capsys.readouterr().err
+    assert (out / "ranks.json").read_bytes() == before
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=3", f"out_dir={out}", "overwrite=true") == 0
+    assert sorted(_rows(out)) == [0, 3]
+
+
+@pytest.mark.parametrize(
+    ("rank", "message"),
+    [
+        ("9", "rank 9 is above the run's adapter.r_max (8)"),
+        ("1..20", "rank 20 is above the run's adapter.r_max (8)"),
+        ("5..2", "rank='5..2': expected LOW..HIGH[:STEP] with LOW <= HIGH"),
+        ("1..8:0", "STEP >= 1"),
+        ("two", "expected a rank spec like 8, 1..64"),
+    ],
+)
+def test_eval_rank_errors(lora_run, capsys, rank, message):
+    assert qdylora("eval", f"run_dir={lora_run}", f"rank={rank}", f"out_dir={lora_run / 'bad'}") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (lora_run / "bad").exists()
+
+
+def test_eval_on_data_given_on_the_command_line_uses_all_of_it(lora_run, tmp_path):
+    records = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ("cat", "moon", "river")]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "out"
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=8", "data=json", f"data.path={path}", "data.template=plain",
+                   f"out_dir={out}") == 0
+    model, tokenizer, _ = load_run_model(lora_run)
+    data = compose_config("train", ["+recipe=tiny", "data=json", f"data.path={path}", "data.template=plain",
+                                    "data.val_fraction=0"]).data
+    examples, _ = load_datasets(data, tokenizer, seed=0)
+    assert len(examples) == 3
+    assert _rows(out)[8]["loss"] == pytest.approx(reference_loss(model, examples, 8), rel=1e-5)
+
+
+def test_multi_rank_generation_equals_one_rank_at_a_time(lora_run):
+    model, tokenizer, _ = load_run_model(lora_run)
+    prompts = ["What is 3 plus 4?\n", "Reverse the word.\nstar\n", "Write the word in capital letters.\nfrog\n"]
+    together = greedy_generate(model, tokenizer, prompts, [0, 2, 8], max_new_tokens=6, device=torch.device("cpu"))
+    for rank in (0, 2, 8):
+        for prompt, text in zip(prompts, together[rank]):
+            alone = greedy_generate(model, tokenizer, [prompt], [rank], max_new_tokens=6, device=torch.device("cpu"))
+            assert alone[rank] == [text]
+    assert together[0] != together[8]
+
+
+def test_gsm8k_answers():
+    assert normalize_number(" 1,234.50 ") == "1234.5" and normalize_number("$7.") == "7" and normalize_number("7.0") == "7"
+    assert gsm8k_prediction("so she has 3 + 4 = 7 apples.\n#### 7") == "7"
+    assert gsm8k_prediction("Natalia sold 48/2 = 24 clips, 72 in all") == "72"
+    assert gsm8k_prediction("no number here") == ""
+
+
+def _task_file(tmp_path, name, records):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    return path
+
+
+def test_gsm8k_exact_match_per_rank(lora_run, tmp_path):
+    model, tokenizer, _ = load_run_model(lora_run)
+    pairs = [(3, 4), (10, 2), (0, 5), (7, 7)]
+    questions = [f"What is {a} plus {b}?" for a, b in pairs]
+    prompts = [f"{q}\n" for q in questions]  # the tiny recipe's plain template
+    reference = {r: greedy_generate(model, tokenizer, prompts, [r], 4, torch.device("cpu"))[r] for r in (0, 8)}
+    # Gold answers: the rank-8 model's own answers for the first two, the true sums for the others,
+    # so rank 8 scores at least 1/2 and the metric has something to tell apart.
+    golds = [gsm8k_prediction(t) or "999" for t in reference[8][:2]] + [str(a + b) for a, b in pairs[2:]]
+    path = _task_file(tmp_path, "gsm.jsonl", [{"question": q, "answer": f"steps\n#### {g}"} for q, g in zip(questions, golds)])
+    out = tmp_path / "out"
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=8", "task=gsm8k", "max_new_tokens=4", "data=json",
+                   f"data.path={path}", "data.template=plain", "data.instruction_field=question",
+                   "data.output_field=answer", f"out_dir={out}") == 0
+    rows = _rows(out)
+    for r in (0, 8):
+        expected = sum(gsm8k_prediction(t) == normalize_number(g) for t, g in zip(reference[r], golds)) / 4
+        assert rows[r]["exact_match"] == expected
+    assert rows[8]["exact_match"] >= 0.5
+    assert json.loads((out / "summary.json").read_text())["metric"] == "exact_match"
+
+
+def test_mcq_accuracy_per_rank(lora_run, tmp_path):
+    model, tokenizer, _ = load_run_model(lora_run)
+    records = [
+        {"question": "What is the first letter of cat?", "choices": ["d", "c", "x"], "answer": "B"},
+        {"question": "What is 2 plus 2?", "choices": ["4", "5"], "answer": 0},
+        {"question": "Reverse the word sun.", "choices": ["sun", "nus", "snu", "usn"], "answer": "nus"},
+    ]
+    path = _task_file(tmp_path, "mcq.jsonl", records)
+    out = tmp_path / "out"
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=[4,8]", "task=mcq", "data=json", f"data.path={path}",
+                   "data.template=plain", "data.instruction_field=question", "data.output_field=answer",
+                   f"out_dir={out}") == 0
+    rows = _rows(out)
+    letters = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ABCD"]
+    gold = [1, 0, 1]
+    for rank in (0, 4, 8):
+        set_rank(model, rank)
+        correct = 0
+        for r, g in zip(records, gold):
+            listed = "\n".join(f"{'ABCD'[i]}. {c}" for i, c in enumerate(r["choices"]))
+            prompt = f"{r['question']}\n{listed}\nAnswer with the letter of the correct choice.\n"
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            logits = model(input_ids=ids).logits[0, -1]
+            correct += int(logits[letters[: len(r["choices"])]].argmax()) == g
+        assert rows[rank]["accuracy"] == pytest.approx(correct / 3)
+
+
+def test_task_input_errors(lora_run, tmp_path, capsys):
+    path = _task_file(tmp_path, "gsm.jsonl", [{"question": "q", "answer": "42"}])
+    assert qdylora("eval", f"run_dir={lora_run}", "task=gsm8k", "data=json", f"data.path={path}",
+                   "data.instruction_field=question", "data.output_field=answer", f"out_dir={tmp_path / 'o'}") == 2
+    assert f"{path}:1: field 'answer' must be a GSM8K answer ending in '#### N'" in capsys.readouterr().err
+    path = _task_file(tmp_path, "mcq.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": "C"}])
+    assert qdylora("eval", f"run_dir={lora_run}", "task=mcq", "data=json", f"data.path={path}",
+                   "data.instruction_field=question", "data.output_field=answer", f"out_dir={tmp_path / 'o'}") == 2
+    assert f"{path}:1: field 'answer'='C': expected a choice letter" in capsys.readouterr().err
+
+
+def test_recommend():
+    losses = {0: 6.0, 1: 4.0, 2: 3.5, 4: 3.02, 8: 3.0}
+    assert recommend(losses, higher_is_better=False, tolerance=0.01) == (8, 4)
+    assert recommend(losses, higher_is_better=False, tolerance=0.0) == (8, 8)
+    assert recommend({0: 0.1, 1: 0.5, 2: 0.6, 4: 0.6}, higher_is_better=True, tolerance=0.2) == (2, 1)
+    assert recommend({0: 1.0}, higher_is_better=False, tolerance=0.01) is None
+
+
+# --- export --------------------------------------------------------------------------------------------
+
+
+def _float_base(run_dir):
+    return AutoModelForCausalLM.from_pretrained(run_dir / "base_model").eval()
+
+
+@pytest.mark.parametrize("run", ["lora_run", "dora_run"])
+def test_peft_export_equals_our_model_at_that_rank(run, request):
+    peft = pytest.importorskip("peft")
+    run_dir = request.getfixturevalue(run)
+    assert qdylora("export", f"run_dir={run_dir}", "rank=5") == 0
+    out = run_dir / "export" / "rank-5-peft"
+    config = json.loads((out / "adapter_config.json").read_text())
+    weights, meta = load_adapter(run_dir / "adapter")
+    assert (config["r"], config["lora_alpha"], config["use_dora"]) == (5, 32.0, run == "dora_run")
+    assert config["target_modules"] == meta["target_modules"]
+
+    ours = _float_base(run_dir)  # the same unquantized base on both sides
+    inject_adapters(ours, r_max=8, alpha=32.0, mode=meta["mode"], variant=meta["variant"], quant="none")
+    load_adapter_state_dict(ours, weights)
+    set_rank(ours, 5)
+    theirs = peft.PeftModel.from_pretrained(_float_base(run_dir), str(out)).eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+        plain = _float_base(run_dir)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-2, "the adapter must change the output, or this test proves nothing"
+
+
+def test_merged_export_equals_the_quantized_run_and_evaluates_the_same(lora_run, capsys):
+    assert qdylora("export", f"run_dir={lora_run}", "rank=8", "format=merged") == 0
+    merged_dir = lora_run / "export" / "rank-8-merged"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    model, _, _ = load_run_model(lora_run)
+    set_rank(model, 8)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=8", f"out_dir={lora_run / 'eval-r8'}") == 0
+    assert qdylora("eval", f"run_dir={merged_dir}") == 0
+    assert _rows(merged_dir / "eval")[8]["loss"] == pytest.approx(_rows(lora_run / "eval-r8")[8]["loss"], rel=1e-5)
+    assert qdylora("eval", f"run_dir={merged_dir}", "rank=4") == 2
+    assert "is a merged export of rank 8" in capsys.readouterr().err
+
+
+def test_merged_rank_zero_is_the_dequantized_base_in_the_chosen_dtype(lora_run):
+    assert qdylora("export", f"run_dir={lora_run}", "rank=0", "format=merged", "dtype=bfloat16") == 0
+    out = lora_run / "export" / "rank-0-merged"
+    tensors = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    model, _, _ = load_run_model(lora_run)
+    set_rank(model, 0)
+    layer = "model.layers.0.self_attn.q_proj"
+    expected = model.get_submodule(layer).base.dequantize().to(torch.bfloat16)
+    assert torch.equal(tensors[f"{layer}.weight"], expected)
+
+
+def test_export_never_overwrites_without_overwrite(lora_run, capsys):
+    assert qdylora("export", f"run_dir={lora_run}", "rank=3") == 0
+    out = lora_run / "export" / "rank-3-peft"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert qdylora("export", f"run_dir={lora_run}", "rank=3") == 2
+    assert "rank-3-peft already exists; pass overwrite=true to replace it" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert qdylora("export", f"run_dir={lora_run}", "rank=3", "overwrite=true") == 0
+    assert qdylora("export", f"run_dir={lora_run}", "rank=9") == 2
+    assert "rank=9: expected a rank in 1..8" in capsys.readouterr().err
+    with pytest.raises(QdyloraError, match="rank=0: expected a rank in 1..8"):
+        compose_config("export", [f"run_dir={lora_run}", "rank=0"])
+
+
+# --- a real pretrained model ---------------------------------------------------------------------------
+
+
+def test_stories260k_export_and_eval(stories260k, shakespeare, tmp_path):
+    peft = pytest.importorskip("peft")
+    run_dir = tmp_path / "stories"
+    train.run(compose_config("train", [
+        "model=hf", f"model.name_or_path={stories260k}", "model.dtype=float32", "data=text",
+        f"data.path={shakespeare}", "data.block_size=64", "data.val_fraction=0.01", "data.max_samples=200",
+        "optimizer=adamw", "optimizer.lr=3e-3", "adapter.r_max=8", "adapter.alpha=16", f"run_dir={run_dir}",
+        "train.max_steps=20", "train.batch_size=8", "train.grad_accum=1", "train.save_every=0",
+        "train.eval_every=0", "train.mixed_precision=no", "train.gradient_checkpointing=false",
+    ]))
+    assert qdylora("eval", f"run_dir={run_dir}", "rank=[2,8]", "max_batches=4") == 0
+    rows = _rows(run_dir / "eval")
+    assert rows[8]["loss"] < rows[0]["loss"]
+    assert qdylora("export", f"run_dir={run_dir}", "rank=2") == 0
+    base = AutoModelForCausalLM.from_pretrained(stories260k).eval()
+    theirs = peft.PeftModel.from_pretrained(base, str(run_dir / "export" / "rank-2-peft")).eval()
+    ours = AutoModelForCausalLM.from_pretrained(stories260k).eval()
+    weights, meta = load_adapter(run_dir / "adapter")
+    inject_adapters(ours, r_max=8, alpha=16.0, mode=meta["mode"], quant="none")
+    load_adapter_state_dict(ours, weights)
+    set_rank(ours, 2)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
