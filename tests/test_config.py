@@ -215,7 +215,7 @@ def test_parse_rank_spec(spec, ranks):
     ("spec", "message"),
     [
         ("65", "rank 65 is above the run's adapter.r_max (64)"),
-        ("1..128", "rank 65 is above"),
+        ("1..128", "rank 128 is above"),
         ("8..4", "LOW <= HIGH"),
         ("1..8:0", "STEP >= 1"),
         ("1-8", "expected a rank spec like 8, 1..64"),
