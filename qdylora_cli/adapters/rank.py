@@ -91,14 +91,67 @@ class FixedRank(RankSampler):
         return self.rank
 
 
+class WeightedRank(RankSampler):
+    """Draws b in min_rank..r_max with probability proportional to `weight(b)`; subclasses define the weight."""
+
+    def __init__(self, min_rank: int, r_max: int, seed: int = 0) -> None:
+        if not 1 <= min_rank <= r_max:
+            raise QdyloraError(f"rank_schedule.min_rank must be in 1..r_max={r_max}, got {min_rank}")
+        self.min_rank, self.r_max = min_rank, r_max
+        weights = torch.tensor([self.weight(b, min_rank, r_max) for b in range(min_rank, r_max + 1)],
+                               dtype=torch.float64)
+        self.probs = weights / weights.sum()  # probs[i]: the probability of rank min_rank + i
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def build(cls, *, r_max: int, min_rank: int, rank: int | None, seed: int) -> WeightedRank:
+        return cls(min_rank, r_max, seed)
+
+    @staticmethod
+    def weight(b: int, min_rank: int, r_max: int) -> float:
+        raise NotImplementedError
+
+    def sample(self) -> int:
+        return self.min_rank + int(torch.multinomial(self.probs, 1, generator=self.generator))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class OctaveRank(WeightedRank):
+    """Each octave of ranks [2^k, 2^(k+1)) equally likely, uniform inside it; octaves are cut to min_rank..r_max.
+
+    With r_max 16: P(1) = P(16) = 1/5, P(2) = P(3) = 1/10, P(4..7) = 1/20, P(8..15) = 1/40. Uniform
+    sampling gives rank 1 only 1/16 of the steps, and in frozen mode slice 1 trains only then.
+    """
+
+    @staticmethod
+    def weight(b: int, min_rank: int, r_max: int) -> float:
+        low = 1 << (b.bit_length() - 1)  # the octave holding b: [low, 2·low - 1]
+        return 1.0 / (min(2 * low - 1, r_max) - max(low, min_rank) + 1)
+
+
+class HarmonicRank(WeightedRank):
+    """P(b) ∝ 1/b (about uniform in log b): rank 1 is drawn r_max times as often as r_max."""
+
+    @staticmethod
+    def weight(b: int, min_rank: int, r_max: int) -> float:
+        return 1.0 / b
+
+
 RANK_SAMPLERS: dict[str, type[RankSampler]] = {
     "uniform": UniformRank,
     "fixed": FixedRank,
+    "octave": OctaveRank,
+    "harmonic": HarmonicRank,
 }
 
 
 def build_rank_sampler(kind: str, *, r_max: int, min_rank: int = 1, rank: int | None = None, seed: int = 0) -> RankSampler:
-    """The sampler registered as `kind`; `fixed` uses `rank` (default r_max), `uniform` uses `min_rank`."""
+    """The sampler registered as `kind`; `fixed` uses `rank` (default r_max), the others `min_rank`."""
     if kind not in RANK_SAMPLERS:
         raise QdyloraError(f"rank_schedule.kind {kind!r} is unknown; known kinds: {', '.join(sorted(RANK_SAMPLERS))}")
     return RANK_SAMPLERS[kind].build(r_max=r_max, min_rank=min_rank, rank=rank, seed=seed)
