@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from qdylora_cli.adapters import build_rank_sampler, count_parameters, load_adapter_state_dict, set_rank
 from qdylora_cli.checkpoint import atomic_write_text, latest_good_checkpoint, save_adapter, save_checkpoint
-from qdylora_cli.config import save_config
+from qdylora_cli.config import load_run_config, save_config
 from qdylora_cli.data import batch_order, collate, load_datasets
 from qdylora_cli.distributed import (
     check_replicas,
@@ -64,9 +64,10 @@ def prepare_run_dir(cfg: Any, run_dir: Path) -> Path | None:
         if not is_run:
             log.info("train.resume=true but %s holds no run yet: starting fresh", run_dir)
             return None
-        old = OmegaConf.load(run_dir / "config.yaml")
+        old = OmegaConf.structured(load_run_config(run_dir))  # one error line if it is unreadable
+        new = OmegaConf.structured(cfg)
         for section in _RUN_IDENTITY:
-            if OmegaConf.to_container(old[section]) != OmegaConf.to_container(OmegaConf.structured(cfg)[section]):
+            if OmegaConf.to_container(old[section]) != OmegaConf.to_container(new[section]):
                 raise QdyloraError(
                     f"train.resume=true but `{section}` differs from the run in {run_dir}; "
                     "resume with the same settings or train into a new run_dir"

@@ -31,10 +31,10 @@ from qdylora_cli.checkpoint import checkpoint_dirs, verify_dir
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
-# Short tiny-recipe runs: a checkpoint every 10 steps, a metrics line every step, validation at 20 and 40.
+# Short tiny-recipe runs: a checkpoint every 10 steps, a metrics line every step, validation at 0, 20 and 40.
 # Dropout > 0 makes the result depend on the torch RNG, so resuming must restore it exactly.
-RUN = ["+recipe=tiny", f"train.max_steps={STEPS}", "train.save_every=10", "train.keep_last=3",
-       "train.eval_every=20", "train.log_every=1", "adapter.dropout=0.1"]
+RUN = ["+recipe=tiny", f"train.max_steps={STEPS}", "train.save_every=10", "train.keep_last=3", "train.batch_size=8",
+       "train.eval_every=20", "train.eval_batches=1", "train.log_every=1", "adapter.dropout=0.1"]
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -376,6 +376,8 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "latin1.jsonl").write_bytes((good + '{"instruction": "café", "output": "b"}\n').encode("latin-1"))
     (ws / "blank.txt").write_text("\n  \n")
     (ws / "a-file").write_text("not a directory")
+    (ws / "broken-run" / "checkpoints").mkdir(parents=True)
+    (ws / "broken-run" / "config.yaml").write_text("model: [unclosed\n")
     return ws
 
 
@@ -421,6 +423,8 @@ BAD_INPUTS = [
      ["train", "run_dir={run}", "overwrite=true", "data=json", "data.path={ws}/not-json.jsonl"], "not-json.jsonl:3"),
     ("overwrite-with-bad-targets",
      ["train", "run_dir={run}", "overwrite=true", "adapter.target_modules=[nope]"], "'nope'"),
+    ("resume-unreadable-config", ["train", "run_dir={ws}/broken-run", "train.resume=true"], "broken-run/config.yaml"),
+    ("eval-unreadable-config", ["eval", "run_dir={ws}/broken-run"], "broken-run/config.yaml"),
     ("eval-not-a-run", ["eval", "run_dir={ws}/run"], "{ws}/run is not a qdylora run directory"),
     ("eval-rank-above-r-max", ["eval", "run_dir={run}", "rank=99"], "rank=99"),
     ("eval-rank-not-a-spec", ["eval", "run_dir={run}", "rank=abc"], "rank='abc'"),
