@@ -346,6 +346,15 @@ def test_overwrite_true_replaces_the_old_run(tmp_path, straight, one_thread):
     assert "max_steps: 3" in (run_dir / "config.yaml").read_text()
 
 
+def test_a_tokenizer_without_pad_token_pads_with_eos(workspace, tmp_path, one_thread):
+    run_dir = tmp_path / "eos-pad"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "+recipe=tiny", f"run_dir={run_dir}", f"model.tokenizer={workspace / 'eos-only-tokenizer'}",
+                  "train.max_steps=2", "train.eval_every=0", "train.save_every=0"])
+    assert exit_.value.code == 0
+    assert (run_dir / "adapter" / "adapter.safetensors").is_file()
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 
 
@@ -362,10 +371,11 @@ def workspace(tmp_path_factory) -> Path:
     (no_weights / "config.json").write_text(json.dumps({
         "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "intermediate_size": 64, "vocab_size": 264}))
-    no_pad = byte_tokenizer()
-    no_pad.pad_token = None
-    no_pad.eos_token = None
-    no_pad.save_pretrained(ws / "no-pad-tokenizer")
+    pad_eos = byte_tokenizer()
+    pad_eos.pad_token = None
+    pad_eos.save_pretrained(ws / "eos-only-tokenizer")
+    pad_eos.eos_token = None
+    pad_eos.save_pretrained(ws / "no-pad-tokenizer")
     good = '{"instruction": "Reverse the word.", "input": "cat", "output": "tac"}\n'
     (ws / "empty.jsonl").write_text("")
     (ws / "truncated.json").write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "outp')
