@@ -26,7 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 
 from qdylora_cli.adapters import build_rank_sampler, count_parameters, load_adapter_state_dict, set_rank
-from qdylora_cli.checkpoint import atomic_write_text, latest_good_checkpoint, save_adapter, save_checkpoint
+from qdylora_cli.checkpoint import (
+    atomic_write_text,
+    checkpoint_dirs,
+    latest_good_checkpoint,
+    save_adapter,
+    save_checkpoint,
+)
 from qdylora_cli.config import load_run_config, save_config
 from qdylora_cli.data import batch_order, collate, load_datasets
 from qdylora_cli.distributed import (
@@ -64,14 +70,11 @@ def prepare_run_dir(cfg: Any, run_dir: Path) -> Path | None:
         if not is_run:
             log.info("train.resume=true but %s holds no run yet: starting fresh", run_dir)
             return None
-        old = OmegaConf.structured(load_run_config(run_dir))  # one error line if it is unreadable
-        new = OmegaConf.structured(cfg)
-        for section in _RUN_IDENTITY:
-            if OmegaConf.to_container(old[section]) != OmegaConf.to_container(new[section]):
-                raise QdyloraError(
-                    f"train.resume=true but `{section}` differs from the run in {run_dir}; "
-                    "resume with the same settings or train into a new run_dir"
-                )
+        if not checkpoint_dirs(run_dir):  # stopped before its first checkpoint: nothing to lose
+            _check_same_run(cfg, run_dir)
+            log.info("train.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
+            return None
+        _check_same_run(cfg, run_dir)
         ckpt = latest_good_checkpoint(run_dir)
         if ckpt is None:
             raise QdyloraError(f"train.resume=true but {run_dir / 'checkpoints'} holds no usable checkpoint")
@@ -81,6 +84,17 @@ def prepare_run_dir(cfg: Any, run_dir: Path) -> Path | None:
             f"{run_dir} already holds a run; pass train.resume=true to continue it or overwrite=true to replace it"
         )
     return None
+
+
+def _check_same_run(cfg: Any, run_dir: Path) -> None:
+    old = OmegaConf.structured(load_run_config(run_dir))  # one error line if it is unreadable
+    new = OmegaConf.structured(cfg)
+    for section in _RUN_IDENTITY:
+        if OmegaConf.to_container(old[section]) != OmegaConf.to_container(new[section]):
+            raise QdyloraError(
+                f"train.resume=true but `{section}` differs from the run in {run_dir}; "
+                "resume with the same settings or train into a new run_dir"
+            )
 
 
 def clear_old_run(run_dir: Path, *, keep_base: bool) -> None:
@@ -277,6 +291,11 @@ def run(cfg: Any) -> Path:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
 
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QdyloraError(f"run_dir={str(run_dir)!r}: cannot create it ({e.strerror})") from None
+
     seed_everything(t.seed)
     fsdp = _fsdp2(accelerator)
     # Under FSDP the model is loaded to the CPU and each GPU receives only its shards at `prepare`.
@@ -287,10 +306,6 @@ def run(cfg: Any) -> Path:
             save_base=main and not (resume_from is not None and (run_dir / BASE_MODEL_DIR).is_dir()))
     if replacing:
         clear_old_run(run_dir, keep_base=cfg.model.config is not None)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QdyloraError(f"run_dir={str(run_dir)!r}: cannot create it ({e.strerror})") from None
     if resume_from is not None:  # before FSDP splits the adapters into shards
         load_adapter_state_dict(model, load_file(str(resume_from / "adapter.safetensors")))
     if fsdp:
@@ -414,12 +429,13 @@ def run(cfg: Any) -> Path:
                     raise SystemExit(128 + stop.signum)
 
     final = run_dir / "adapter"
-    checkpoint(step)
-    adapters = gathered_adapter_state(accelerator.unwrap_model(model))
-    if main:
-        save_adapter(final, adapters, meta)
-        print(f"done: {step} steps in {time.perf_counter() - start:.1f}s; adapter for ranks 1..{cfg.adapter.r_max} "
-              f"in {final}")
+    with StopOnSignal():  # a first signal now only waits for the final save: the run is complete
+        checkpoint(step)
+        adapters = gathered_adapter_state(accelerator.unwrap_model(model))
+        if main:
+            save_adapter(final, adapters, meta)
+            print(f"done: {step} steps in {time.perf_counter() - start:.1f}s; adapter for ranks "
+                  f"1..{cfg.adapter.r_max} in {final}")
     accelerator.wait_for_everyone()
     return final
 

@@ -264,6 +264,24 @@ def test_damaged_or_partial_newest_checkpoint_is_skipped_with_a_warning(runs, na
     assert verify_dir(run["dir"] / "checkpoints" / newest) is None, "the damaged checkpoint is written anew"
 
 
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path, one_thread):
+    """Killed before its first checkpoint: resume=true starts again from step 0 (nothing was saved to lose)."""
+    args = ["train", "+recipe=tiny", "train.max_steps=4", "train.save_every=10", "train.eval_every=0",
+            "train.log_every=1", "adapter.dropout=0.1"]
+    for name in ("a", "b"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*args, f"run_dir={tmp_path / name}"])
+        assert exit_.value.code == 0
+    b = tmp_path / "b"
+    shutil.rmtree(b / "checkpoints")
+    shutil.rmtree(b / "adapter")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*args, f"run_dir={b}", "train.resume=true"])
+    assert exit_.value.code == 0
+    _assert_same_adapter(tmp_path / "a", b)
+    assert _losses(b) == _losses(tmp_path / "a")
+
+
 def test_second_signal_exits_at_once():
     with train.StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
