@@ -32,3 +32,11 @@ def test_bench_falcon40b_memory_trains_a_falcon_shaped_model():
     assert "tiny Falcon, r_max 64, seq 512" in out
     assert re.search(r"^training: [\d,]+ tokens/s over 2 steps", out, re.M)
     assert re.search(r"^peak RSS of the training steps: [\d.]+ MiB", out, re.M)
+
+
+def test_bench_eval_sweep_gives_the_same_losses_as_separate_evaluations():
+    out = run_script("bench_eval.py")
+    rows = dict(re.findall(r"^\| (separate|sweep) \| ([\d.]+) \| [\d,]+ \|$", out, re.M))
+    assert set(rows) == {"separate", "sweep"}
+    diff = float(re.search(r"largest loss difference ([\d.e+-]+)$", out, re.M).group(1))
+    assert diff < 1e-5
