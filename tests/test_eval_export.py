@@ -277,6 +277,16 @@ def test_merged_export_equals_the_quantized_run_and_evaluates_the_same(lora_run,
     assert "is a merged export of rank 8" in capsys.readouterr().err
 
 
+def test_merged_dora_export_equals_the_quantized_run(dora_run):
+    assert qdylora("export", f"run_dir={dora_run}", "rank=6", "format=merged") == 0
+    merged = AutoModelForCausalLM.from_pretrained(dora_run / "export" / "rank-6-merged").eval()
+    model, _, _ = load_run_model(dora_run)
+    set_rank(model, 6)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_merged_rank_zero_is_the_dequantized_base_in_the_chosen_dtype(lora_run):
     assert qdylora("export", f"run_dir={lora_run}", "rank=0", "format=merged", "dtype=bfloat16") == 0
     out = lora_run / "export" / "rank-0-merged"
