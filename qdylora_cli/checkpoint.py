@@ -55,10 +55,14 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not overwrite:
         raise QdyloraError(f"{target} already exists; pass overwrite=true to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(target)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise QdyloraError(f"cannot write {target}: {e.strerror} ({e.filename})") from None
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -75,9 +79,32 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
         _fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old)
+    except OSError as e:  # disk full, permissions, ...: the previous `target` is still in place
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno is None:
+            raise
+        raise QdyloraError(f"writing {target} failed: {e.strerror} ({e.filename}); nothing was replaced") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_writable(path: Path, key: str | None = None) -> None:
+    """The directory `path` can be created or replaced: its nearest existing ancestor is a writable directory.
+
+    Call it before expensive work whose result goes to `path`, so a bad path costs nothing.
+    """
+    path = Path(path)
+    name = f"{key}={str(path)!r}" if key else str(path)
+    if path.exists() and not path.is_dir():
+        raise QdyloraError(f"{name} is a file, not a directory")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise QdyloraError(f"{name}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QdyloraError(f"{name}: {existing} is not writable")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import signal
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from qdylora_cli.adapters import build_rank_sampler, count_parameters, load_adapter_state_dict, set_rank
 from qdylora_cli.checkpoint import (
     atomic_write_text,
+    check_writable,
     checkpoint_dirs,
     latest_good_checkpoint,
     save_adapter,
@@ -64,7 +64,7 @@ _RUN_IDENTITY = ("model", "data", "quant", "adapter", "rank_schedule")
 
 def prepare_run_dir(cfg: Any, run_dir: Path) -> Path | None:
     """Refuse to clobber an existing run; return the checkpoint to resume from, if any. Writes nothing."""
-    _check_writable(run_dir)
+    check_writable(run_dir, "run_dir")
     is_run = (run_dir / "config.yaml").exists()
     if cfg.train.resume:
         if not is_run:
@@ -106,17 +106,6 @@ def clear_old_run(run_dir: Path, *, keep_base: bool) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for name in ("metrics.jsonl", "config.yaml"):
         (run_dir / name).unlink(missing_ok=True)
-
-
-def _check_writable(run_dir: Path) -> None:
-    """run_dir must be a directory we can write, or creatable inside one."""
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise QdyloraError(f"run_dir={str(run_dir)!r}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise QdyloraError(f"run_dir={str(run_dir)!r}: {existing} is not writable")
 
 
 # --- optimizer and schedule ----------------------------------------------------------------------

@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 
 from qdylora_cli import cli, train
 from qdylora_cli.checkpoint import checkpoint_dirs, verify_dir
+from qdylora_cli.cli import compose_config
+from qdylora_cli.config import save_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -404,6 +406,8 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "latin1.jsonl").write_bytes((good + '{"instruction": "café", "output": "b"}\n').encode("latin-1"))
     (ws / "blank.txt").write_text("\n  \n")
     (ws / "a-file").write_text("not a directory")
+    (ws / "unfinished").mkdir()  # a run stopped before it wrote its adapter
+    save_config(compose_config("train", ["+recipe=tiny", f"run_dir={ws / 'unfinished'}"]), ws / "unfinished" / "config.yaml")
     (ws / "broken-run" / "checkpoints").mkdir(parents=True)
     (ws / "broken-run" / "config.yaml").write_text("model: [unclosed\n")
     return ws
@@ -445,6 +449,7 @@ BAD_INPUTS = [
     ("not-utf8", ["train", "data=json", "data.path={ws}/latin1.jsonl"], "latin1.jsonl:2"),
     ("empty-text", ["train", "data=text", "data.path={ws}/blank.txt"], "blank.txt"),
     ("run-dir-not-writable", ["train", "run_dir={ws}/a-file/run"], "a-file"),
+    ("run-dir-is-a-file", ["train", "run_dir={ws}/a-file"], "a-file' is a file"),
     ("existing-run", ["train", "run_dir={run}"], "{run} already holds a run"),
     ("resume-with-other-adapter", ["train", "run_dir={run}", "train.resume=true", "adapter.r_max=4"], "adapter"),
     ("overwrite-with-bad-data",
@@ -460,6 +465,10 @@ BAD_INPUTS = [
     ("export-rank-the-run-lacks", ["export", "run_dir={run}", "rank=99"], "rank=99"),
     ("export-format-unknown", ["export", "run_dir={run}", "rank=2", "format=onnx"], "format='onnx'"),
     ("export-not-a-run", ["export", "run_dir={ws}/run", "rank=2"], "{ws}/run is not a qdylora run directory"),
+    ("eval-unfinished-run", ["eval", "run_dir={ws}/unfinished"], "{ws}/unfinished has no finished adapter"),
+    ("export-unfinished-run", ["export", "run_dir={ws}/unfinished", "rank=2"], "{ws}/unfinished"),
+    ("eval-out-dir-not-writable", ["eval", "run_dir={run}", "max_batches=1", "out_dir={ws}/a-file/eval"], "a-file"),
+    ("export-out-dir-not-writable", ["export", "run_dir={run}", "rank=2", "out_dir={ws}/a-file/x"], "a-file"),
 ]
 
 
