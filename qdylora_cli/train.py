@@ -277,7 +277,8 @@ def run(cfg: Any) -> Path:
     replacing = main and not t.resume and (run_dir / "config.yaml").exists()  # overwrite=true (else refused)
 
     # Bad input must cost nothing: the tokenizer and the data are read before anything is written or deleted.
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                               trust_remote_code=cfg.model.trust_remote_code)
     train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
 
     try:
@@ -334,8 +335,8 @@ def run(cfg: Any) -> Path:
         adapters = gathered_adapter_state(accelerator.unwrap_model(model))  # every process: collective under FSDP
         optimizer_state_dict = optimizer_state(accelerator.unwrap_model(model), optimizer)
         check_replicas(accelerator, adapters, ranks, at)
-        state = {"step": at, "bad_steps": bad_steps, "skipped_total": skipped_total, "data": batches.state_dict(), "sampler": sampler.state_dict(),
-                 "rng": rng_state(), "scheduler": scheduler.state_dict(),
+        state = {"step": at, "bad_steps": bad_steps, "skipped_total": skipped_total, "data": batches.state_dict(),
+                 "sampler": sampler.state_dict(), "rng": rng_state(), "scheduler": scheduler.state_dict(),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
 
         def write(tmp: Path) -> None:
