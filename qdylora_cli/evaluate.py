@@ -27,7 +27,7 @@ from rich.progress import track
 from rich.table import Table
 
 from qdylora_cli.adapters import set_rank
-from qdylora_cli.checkpoint import atomic_dir
+from qdylora_cli.checkpoint import atomic_dir, check_writable
 from qdylora_cli.config import DataConfig, EvalConfig, load_eval_source, parse_rank_spec
 from qdylora_cli.data import (
     collate,
@@ -372,6 +372,7 @@ def run(cfg: EvalConfig) -> list[dict]:
     out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval"
     if out.exists() and not cfg.overwrite:  # before any work, not after it
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it (or out_dir=... for another)")
+    check_writable(out, "out_dir")
     run_cfg, merged_rank = load_eval_source(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load(run_dir, merged_rank, device)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from qdylora_cli.adapters import merge_adapters
-from qdylora_cli.checkpoint import atomic_dir, load_adapter
+from qdylora_cli.checkpoint import atomic_dir, check_writable, load_adapter
 from qdylora_cli.config import EXPORT_INFO, ExportConfig, load_run_config
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.model import BASE_MODEL_DIR, load_run_model, torch_dtype
@@ -97,6 +97,7 @@ def run(cfg: ExportConfig) -> Path:
     out = export_dir(cfg)
     if out.exists() and not cfg.overwrite:
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it")
+    check_writable(out, "out_dir")
     if cfg.format == "peft":
         _export_peft(cfg, out)
         hint = f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})"
