@@ -1,18 +1,25 @@
 """Does one QDyLoRA run serve every rank as well as a QLoRA run trained at that rank?
 
-    python scripts/compare_ranks.py            # the full comparison (~10 min on 2 cores): docs/results.md + plot
+    python scripts/compare_ranks.py            # the full comparison: docs/results.md + docs/img/ranks_vs_fixed.png
     python scripts/compare_ranks.py --quick    # a one-minute smoke run of the same pipeline (tested in CI)
+
+The full comparison is 22 runs: about 8 min on two free cores (15.5 min measured with the machine
+shared, see docs/results.md).
 
 Setting: the real pretrained stories260K (TinyStories) adapted to tinyshakespeare, whose last
 `--val-fraction` of tokens is held out for validation (`data=text`); NF4 + double quantization
 base, adapters on every linear layer, r_max 16, alpha 16 (scale alpha/b at rank b), no dropout.
 
-Arms (every arm of one seed gets the same steps, learning rate, schedule, adapter init and data order):
+Arms (every arm of one seed gets the same steps, learning rate, adapter init and data order):
   fixed1 .. fixed16   plain QLoRA at rank b (`rank_schedule=fixed`, mode full): the rank search
   frozen, full        QDyLoRA, ranks drawn uniformly on 1..16, in the two DyLoRA modes
   dora                the same with the DoRA variant (mode full)
+  full_octave         `full` with `rank_schedule=octave` (more steps at small ranks; the fix, see results.md)
+  full_harmonic       `full` with `rank_schedule=harmonic` (P(b) ∝ 1/b)
   float               `full` on the float32 base (`quant=none`): the cost of NF4
-  full_octave         `full` with the `octave` rank schedule (the fix found for the low ranks, see results.md)
+  (not by default)    frozen_octave, frozen_harmonic, dora_octave: for the investigations
+`--dynamic-steps` gives the dynamic arms another step count than the fixed ones (e.g. 5x: the
+compute of the whole rank search).
 Each run's saved adapter is rebuilt from its run directory (`load_run_model`, as `qdylora eval`
 does) and evaluated at ranks 0 (base model), 1, 2, 4, 8, 16 on the whole held-out tail.
 
@@ -77,6 +84,7 @@ DYNAMIC = [
 EXTRA = [
     Arm("frozen_octave", "QDyLoRA frozen, octave", ("adapter.mode=frozen", "rank_schedule=octave")),
     Arm("frozen_harmonic", "QDyLoRA frozen, harmonic", ("adapter.mode=frozen", "rank_schedule=harmonic")),
+    Arm("dora_octave", "QDyLoRA DoRA (full), octave", ("adapter.mode=full", "adapter.variant=dora", "rank_schedule=octave")),
 ]
 FLOAT = Arm("float", "DyLoRA full, float base", ("adapter.mode=full", "quant=none"))
 ARMS = {a.name: a for a in [*FIXED, *DYNAMIC, FLOAT, *EXTRA]}
