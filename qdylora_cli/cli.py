@@ -313,4 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     except QdyloraError as e:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint itself): nothing to keep
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except OSError as e:  # the disk or the file system, not the user's input: still one line
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        code = 1
     sys.exit(code)

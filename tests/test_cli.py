@@ -112,3 +112,18 @@ def test_several_processes_relaunch_under_accelerate(monkeypatch):
     assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-5:] == ["-m", "qdylora_cli", *argv]
     monkeypatch.setenv("LOCAL_RANK", "0")  # inside a launched process: train
     assert cli.run(argv) == 0 and len(calls) == 1 and len(launched) == 1
+
+
+def test_interrupt_and_os_errors_outside_training_are_one_line(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    def disk_full(argv):
+        raise OSError(28, "No space left on device", "/runs/x/eval")
+
+    for fake, code, line in ((interrupted, 130, "interrupted\n"),
+                             (disk_full, 1, "error: No space left on device: /runs/x/eval\n")):
+        monkeypatch.setattr(cli, "run", fake)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["eval"])
+        assert exit_info.value.code == code and capsys.readouterr().err == line
