@@ -3,7 +3,7 @@
     python scripts/compare_ranks.py            # the full comparison: docs/results.md + docs/img/ranks_vs_fixed.png
     python scripts/compare_ranks.py --quick    # a one-minute smoke run of the same pipeline (tested in CI)
 
-The full comparison is 22 runs: about 8 min on two free cores (15.5 min measured with the machine
+The full comparison is 24 runs: about 8 min on two free cores (15.5 min measured with the machine
 shared, see docs/results.md).
 
 Setting: the real pretrained stories260K (TinyStories) adapted to tinyshakespeare, whose last
@@ -16,8 +16,9 @@ Arms (every arm of one seed gets the same steps, learning rate, adapter init and
   dora                the same with the DoRA variant (mode full)
   full_octave         `full` with `rank_schedule=octave` (more steps at small ranks; the fix, see results.md)
   full_harmonic       `full` with `rank_schedule=harmonic` (P(b) ∝ 1/b)
+  dora_octave         `dora` with `rank_schedule=octave`
   float               `full` on the float32 base (`quant=none`): the cost of NF4
-  (not by default)    frozen_octave, frozen_harmonic, dora_octave: for the investigations
+  (not by default)    frozen_octave, frozen_harmonic: for the investigations
 `--dynamic-steps` gives the dynamic arms another step count than the fixed ones (e.g. 5x: the
 compute of the whole rank search).
 Each run's saved adapter is rebuilt from its run directory (`load_run_model`, as `qdylora eval`
@@ -79,12 +80,12 @@ DYNAMIC = [
     Arm("dora", "QDyLoRA DoRA (full)", ("adapter.mode=full", "adapter.variant=dora")),
     Arm("full_octave", "QDyLoRA full, octave", ("adapter.mode=full", "rank_schedule=octave")),
     Arm("full_harmonic", "QDyLoRA full, harmonic", ("adapter.mode=full", "rank_schedule=harmonic")),
+    Arm("dora_octave", "QDyLoRA DoRA (full), octave", ("adapter.mode=full", "adapter.variant=dora", "rank_schedule=octave")),
 ]
 # Not in the default set: used by the investigations in docs/results.md (`--arms ...`).
 EXTRA = [
     Arm("frozen_octave", "QDyLoRA frozen, octave", ("adapter.mode=frozen", "rank_schedule=octave")),
     Arm("frozen_harmonic", "QDyLoRA frozen, harmonic", ("adapter.mode=frozen", "rank_schedule=harmonic")),
-    Arm("dora_octave", "QDyLoRA DoRA (full), octave", ("adapter.mode=full", "adapter.variant=dora", "rank_schedule=octave")),
 ]
 FLOAT = Arm("float", "DyLoRA full, float base", ("adapter.mode=full", "quant=none"))
 ARMS = {a.name: a for a in [*FIXED, *DYNAMIC, FLOAT, *EXTRA]}
