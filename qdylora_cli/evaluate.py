@@ -54,10 +54,11 @@ def _chunk_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], ranks:
     set_rank(model, ranks[0] if k == 1 else tuple(ranks))
     input_ids = batch["input_ids"].repeat(k, 1)
     attention_mask = batch["attention_mask"].repeat(k, 1)
-    labels = batch["labels"].repeat(k, 1)[:, 1:]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    # Position t predicts label t+1: shift the labels, not the logits, so the (large) logits are never copied.
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).repeat(k, 1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     token_loss = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
     ).view(k, -1)
     counts = (labels != -100).view(k, -1).sum(dim=1)
     return torch.stack([token_loss.sum(dim=1), counts.to(token_loss.dtype)], dim=1)
