@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
+from transformers import AutoModelForCausalLM
 
 from qdylora_cli.adapters import set_rank
 from qdylora_cli.checkpoint import atomic_dir, check_writable
-from qdylora_cli.config import DataConfig, EvalConfig, load_eval_source, parse_rank_spec
+from qdylora_cli.config import DataConfig, EvalConfig, load_eval_source, load_export_info, parse_rank_spec
 from qdylora_cli.data import (
     collate,
     format_prompt,
@@ -39,6 +40,8 @@ from qdylora_cli.data import (
     tokenize_pairs,
 )
 from qdylora_cli.errors import QdyloraError
+from qdylora_cli.loading import dtype_kwarg
+from qdylora_cli.model import load_run_model, load_tokenizer, torch_dtype
 
 TASK_METRIC = {"gsm8k": "exact_match", "mcq": "accuracy"}  # higher is better; task none ranks by loss
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -334,16 +337,9 @@ def print_table(rows: list[dict], summary: dict, metric: str) -> None:
 
 def _load(run_dir: Path, merged_rank: int | None, device: torch.device) -> tuple[Any, Any]:
     """The run's model with its adapters, or a merged export as the plain model it is."""
-    from qdylora_cli.loading import dtype_kwarg
-    from qdylora_cli.model import load_run_model, load_tokenizer, torch_dtype
-
     if merged_rank is None:
         model, tokenizer, _ = load_run_model(run_dir, device=device)
         return model, tokenizer
-    from transformers import AutoModelForCausalLM
-
-    from qdylora_cli.config import load_export_info
-
     dtype = torch_dtype(load_export_info(run_dir)["dtype"])
     model = AutoModelForCausalLM.from_pretrained(run_dir, **dtype_kwarg(dtype)).to(device).eval()
     return model, load_tokenizer(str(run_dir))
@@ -375,6 +371,9 @@ def run(cfg: EvalConfig) -> list[dict]:
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it (or out_dir=... for another)")
     check_writable(out, "out_dir")
     run_cfg, merged_rank = load_eval_source(run_dir)
+    examples = None
+    if cfg.task != "none":  # read and checked before the model loads: a bad record costs nothing
+        examples = task_examples(cfg, cfg.data or run_cfg.data, run_cfg.train.seed, held_out=cfg.data is None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load(run_dir, merged_rank, device)
     if merged_rank is None:
@@ -383,10 +382,6 @@ def run(cfg: EvalConfig) -> list[dict]:
     else:  # a merged model is rank `merged_rank` with no adapter left to switch
         ranks, shown = [0], {0: merged_rank}
 
-    examples = None
-    if cfg.task != "none":
-        data = cfg.data or run_cfg.data
-        examples = task_examples(cfg, data, run_cfg.train.seed, held_out=cfg.data is None)
     batches = _loss_batches(cfg, run_cfg, tokenizer, examples)
     losses = rank_losses(model, track(batches, description=f"loss ({len(ranks)} ranks)", transient=True), ranks,
                          ranks_per_pass=cfg.ranks_per_pass, device=device)
