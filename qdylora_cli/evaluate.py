@@ -181,14 +181,18 @@ def task_examples(cfg: EvalConfig, data: DataConfig, seed: int, held_out: bool) 
     return examples
 
 
-def _left_padded(tokenizer: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """Prompts padded on the left, so every row's next token is at the same position."""
+def _prompts_at_ranks(
+    model: Any, tokenizer: Any, prompts: list[str], ranks: Sequence[int], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Set one rank per chunk and return the prompts, left-padded (every row's next token at the
+    same position) and repeated once per rank."""
+    set_rank(model, ranks[0] if len(ranks) == 1 else tuple(ranks))
     ids = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
     width = max(map(len, ids))
     pad = pad_token_id(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-    return {"input_ids": input_ids, "attention_mask": mask}
+    return {"input_ids": input_ids.repeat(len(ranks), 1), "attention_mask": mask.repeat(len(ranks), 1)}
 
 
 @torch.no_grad()
@@ -196,9 +200,7 @@ def greedy_generate(
     model: Any, tokenizer: Any, prompts: list[str], ranks: Sequence[int], max_new_tokens: int, device: torch.device
 ) -> dict[int, list[str]]:
     """Greedy continuations of `prompts` at each rank, all ranks in one batched `generate`."""
-    set_rank(model, ranks[0] if len(ranks) == 1 else tuple(ranks))
-    inputs = _left_padded(tokenizer, prompts, device)
-    inputs = {k: v.repeat(len(ranks), 1) for k, v in inputs.items()}
+    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device)
     out = model.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
         pad_token_id=pad_token_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
@@ -214,9 +216,7 @@ def choice_predictions(
 ) -> dict[int, list[int]]:
     """The choice each rank picks: greedy decoding restricted to the valid letters (their first token)."""
     letter_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in LETTERS]
-    set_rank(model, ranks[0] if len(ranks) == 1 else tuple(ranks))
-    inputs = _left_padded(tokenizer, prompts, device)
-    inputs = {k: v.repeat(len(ranks), 1) for k, v in inputs.items()}
+    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device)
     logits = model(**inputs).logits[:, -1].float().cpu()
     n = len(prompts)
     picks: dict[int, list[int]] = {}
