@@ -23,18 +23,23 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from qdylora_cli.choices import (
+    ADAPTER_MODES,
+    ADAPTER_SCALES,
+    ADAPTER_VARIANTS,
+    DTYPES,
+    MIXED_PRECISION,
+    NF4_BLOCKSIZES,
+    OPTIMIZERS,
+    QUANT_TYPES,
+    RANK_SCHEDULES,
+    RETIRED_OPTIMIZERS,
+    SCHEDULERS,
+)
 from qdylora_cli.errors import QdyloraError
 
-DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("alpaca", "text", "hf")
 TEMPLATES = ("alpaca", "plain")
-QUANT_TYPES = ("nf4", "none")
-ADAPTER_MODES = ("frozen", "full")
-ADAPTER_VARIANTS = ("lora", "dora")
-RANK_SCHEDULES = ("uniform", "fixed", "octave", "harmonic")  # the kinds in adapters.rank.RANK_SAMPLERS (kept torch-free here)
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
-SCHEDULERS = ("constant", "cosine", "linear")
-MIXED_PRECISION = ("bf16", "fp16", "no")
 EVAL_TASKS = ("none", "gsm8k", "mcq")
 EXPORT_FORMATS = ("peft", "merged")
 EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run it came from
@@ -86,21 +91,23 @@ class AdapterConfig:
     r_max: int = 64
     alpha: float = 16.0
     dropout: float = 0.05
-    mode: str = "frozen"
+    mode: str = "full"
     variant: str = "lora"
+    scale: str = "rank_stabilized"
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass
 class RankScheduleConfig:
-    kind: str = "uniform"
+    kind: str = "octave"
     min_rank: int = 1
     rank: int | None = None  # kind=fixed; null: r_max
+    ranks_per_step: int = 4
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "paged_adamw_32bit"
+    name: str = "adamw"
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -324,8 +331,8 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     validate_data(cfg.data, check_paths)
     q, a, rs, o, t = cfg.quant, cfg.adapter, cfg.rank_schedule, cfg.optimizer, cfg.train
     _choice("quant.type", q.type, QUANT_TYPES)
-    if q.blocksize < 1 or q.blocksize & (q.blocksize - 1):
-        _fail("quant.blocksize", q.blocksize, "a power of two (64 in QLoRA)")
+    if q.blocksize not in NF4_BLOCKSIZES:
+        _fail("quant.blocksize", q.blocksize, f"one of {', '.join(map(str, NF4_BLOCKSIZES))} (64 in QLoRA)")
 
     _at_least("adapter.r_max", a.r_max, 1)
     if a.alpha <= 0:
@@ -333,6 +340,7 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     _fraction("adapter.dropout", a.dropout)
     _choice("adapter.mode", a.mode, ADAPTER_MODES)
     _choice("adapter.variant", a.variant, ADAPTER_VARIANTS)
+    _choice("adapter.scale", a.scale, ADAPTER_SCALES)
     if not a.target_modules:
         _fail("adapter.target_modules", a.target_modules, "a non-empty list, e.g. [all-linear] or [q_proj, v_proj]")
 
@@ -344,7 +352,11 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if rs.kind == "fixed" and a.mode == "frozen":
         # Frozen mode trains only slice b at each step; a fixed-rank (plain QLoRA) run must train all of 1..b.
         _fail("adapter.mode", a.mode, "full when rank_schedule.kind=fixed (a plain QLoRA baseline)")
+    _at_least("rank_schedule.ranks_per_step", rs.ranks_per_step, 1)
 
+    if o.name in RETIRED_OPTIMIZERS:
+        _fail("optimizer.name", o.name, "adamw: the bitsandbytes optimizers are gone (they move rank slices a "
+              "step did not train); qdylora's rank-aware AdamW replaces them")
     _choice("optimizer.name", o.name, OPTIMIZERS)
     _choice("optimizer.scheduler", o.scheduler, SCHEDULERS)
     if o.lr <= 0:
@@ -470,7 +482,22 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
         node = OmegaConf.load(path)
     except Exception as e:  # any YAML problem is the file's fault
         raise QdyloraError(f"{path}: not a readable config ({str(e).splitlines()[0]})") from None
-    return validate_train(to_typed("train", node), check_paths=False)
+    return validate_train(to_typed("train", upgrade_saved_config(node)), check_paths=False)
+
+
+def upgrade_saved_config(node: DictConfig) -> DictConfig:
+    """A run config saved by qdylora 0.1, with the values that reproduce it for keys added since.
+
+    0.1 scaled rank b by α/b and drew one rank per step; its bitsandbytes optimizers became adamw.
+    """
+    node = OmegaConf.create(OmegaConf.to_container(node))  # a copy, without the struct flag
+    if "adapter" in node and "scale" not in node.adapter:
+        node.adapter.scale = "alpha_over_rank"
+    if "rank_schedule" in node and "ranks_per_step" not in node.rank_schedule:
+        node.rank_schedule.ranks_per_step = 1
+    if "optimizer" in node and node.optimizer.get("name") in RETIRED_OPTIMIZERS:
+        node.optimizer.name = "adamw"
+    return node
 
 
 def load_export_info(path: str | Path) -> dict[str, Any] | None:
@@ -491,5 +518,5 @@ def load_eval_source(path: str | Path) -> tuple[TrainConfig, int | None]:
         return load_run_config(path), None
     if "run_config" not in info or "rank" not in info:
         raise QdyloraError(f"{Path(path) / EXPORT_INFO}: missing run_config or rank; re-export the model")
-    cfg = validate_train(to_typed("train", OmegaConf.create(info["run_config"])), check_paths=False)
+    cfg = validate_train(to_typed("train", upgrade_saved_config(OmegaConf.create(info["run_config"]))), check_paths=False)
     return cfg, int(info["rank"])

@@ -1,7 +1,8 @@
 """Training on several processes: FSDP2 sharding of an NF4 model, gathering what it shards, replica checks.
 
 Data parallel (DDP) needs nothing special: every process holds the whole NF4 model and the same
-adapters, and accelerate averages the adapters' gradients. FSDP (`conf/accelerate/fsdp.yaml`)
+adapters, and accelerate averages the adapters' gradients (every adapter parameter takes part in
+every step, so DDP needs no `find_unused_parameters`). FSDP (`conf/accelerate/fsdp.yaml`)
 is for models whose NF4 weights do not fit on one GPU: each decoder layer becomes one FSDP2 unit
 whose parameters are split across the processes and all-gathered one layer at a time.
 
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdylora_cli.adapters import adapter_state_dict, iter_adapters
+from qdylora_cli.adapters import adapter_state_dict, iter_adapters, upgrade_per_slice_state
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.quant import NF4Linear
 
@@ -84,15 +85,17 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Inverse of `optimizer_state`: under FSDP the main process's full state is split among the processes."""
+    """Inverse of `optimizer_state`: under FSDP the main process's full state is split among the processes.
+
+    A state saved by qdylora 0.1 (one parameter per rank slice) is converted first.
+    """
     if not _fsdp_units(model):
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(upgrade_per_slice_state(state, [a for _, a in iter_adapters(model)]))
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    # strict=False: in frozen mode the rank slices no step has trained yet have no state at all.
     optimizer = getattr(optimizer, "optimizer", optimizer)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_optimizer_state_dict(model, optimizer, state, options=options)
 
 

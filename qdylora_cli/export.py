@@ -1,8 +1,8 @@
 """`qdylora export`: one rank of a dynamic-rank run as a standard PEFT adapter or a merged model.
 
-Rank b of a DyLoRA adapter is just its first b slices, `A[:b]` and `B[:, :b]`, scaled by α/b:
-exactly a LoRA adapter with `r=b, lora_alpha=α`. So a PEFT export needs no model at all, only
-the saved factors. A merged export rebuilds the run, adds rank b's delta to the dequantized
+Rank b of a DyLoRA adapter is just its first b slices, `A[:b]` and `B[:, :b]`, scaled by s(b):
+exactly a LoRA adapter with `r=b` and the `lora_alpha` (and `use_rslora`) that make PEFT compute
+s(b). So a PEFT export needs no model at all, only the saved factors. A merged export rebuilds the run, adds rank b's delta to the dequantized
 base weights and saves a plain Hugging Face model.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ def export_dir(cfg: ExportConfig) -> Path:
     return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / "export" / f"rank-{cfg.rank}-{cfg.format}"
 
 
+def peft_alpha(scale: str, alpha: float, r_max: int, b: int) -> tuple[float, bool]:
+    """(lora_alpha, use_rslora) for which PEFT's scale at r=b is our s(b).
+
+    PEFT scales by lora_alpha/r, or lora_alpha/√r with use_rslora.
+    """
+    if scale == "alpha_over_rank":
+        return alpha, False
+    if scale == "rank_stabilized":  # α/√(r_max·b) = (α/√r_max)/√b
+        return alpha / math.sqrt(r_max), True
+    return alpha * b / r_max, False  # constant: α/r_max = (α·b/r_max)/b
+
+
 def peft_adapter(weights: dict[str, torch.Tensor], meta: dict[str, Any], rank: int) -> tuple[dict, dict]:
     """(PEFT state dict, adapter_config.json contents) of rank `rank` of a saved dynamic-rank adapter."""
     state = {}
@@ -42,16 +55,17 @@ def peft_adapter(weights: dict[str, torch.Tensor], meta: dict[str, Any], rank: i
         state[f"{key}.lora_B.weight"] = weights[f"{name}.lora_B"][:, :rank].contiguous()
         if meta["variant"] == "dora":
             state[f"{key}.lora_magnitude_vector"] = weights[f"{name}.magnitude"]
+    lora_alpha, rslora = peft_alpha(meta.get("scale", "alpha_over_rank"), meta["alpha"], meta["r_max"], rank)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": meta["base_model"],
         "r": rank,
-        "lora_alpha": meta["alpha"],  # PEFT scales by lora_alpha / r: the α/b a DyLoRA rank uses
+        "lora_alpha": lora_alpha,
         "lora_dropout": 0.0,
         "target_modules": list(meta["target_modules"]),  # full module names: matches exactly these layers
         "use_dora": meta["variant"] == "dora",
-        "use_rslora": False,
+        "use_rslora": rslora,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

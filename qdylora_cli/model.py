@@ -132,6 +132,7 @@ def build_training_model(
         dropout=a.dropout,
         mode=a.mode,
         variant=a.variant,
+        scale=a.scale,
         target_modules=tuple(a.target_modules),
         quant=q.type,
         double_quant=q.double_quant,
@@ -162,6 +163,7 @@ def build_training_model(
         "dropout": a.dropout,
         "mode": a.mode,
         "variant": a.variant,
+        "scale": a.scale,
         "quant": quant,
     }
     return model, tokenizer, meta
@@ -196,6 +198,7 @@ def load_run_model(
         dropout=0.0,
         mode=meta["mode"],
         variant=meta["variant"],
+        scale=meta.get("scale", "alpha_over_rank"),  # adapters saved before scales were a choice used α/b
         target_modules=tuple(meta["target_modules"]),
         quant=q["type"],
         double_quant=q["double_quant"],

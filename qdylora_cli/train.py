@@ -1,4 +1,4 @@
-"""The training loop: one sampled rank per optimizer step, shared by all of its micro-batches.
+"""The training loop: each optimizer step draws its ranks and shares them among its micro-batches.
 
 Read top to bottom: run directory, model and data, optimizer and schedule, the loop, checkpoints.
 """
@@ -18,13 +18,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
-from qdylora_cli.adapters import build_rank_sampler, count_parameters, load_adapter_state_dict, set_rank
+from qdylora_cli.adapters import (
+    RankAwareAdamW,
+    adapter_parameters,
+    assign_ranks,
+    build_rank_sampler,
+    count_parameters,
+    iter_adapters,
+    load_adapter_state_dict,
+    set_rank,
+    trained_slices,
+)
 from qdylora_cli.checkpoint import (
     atomic_write_text,
     check_writable,
@@ -50,7 +60,6 @@ from qdylora_cli.model import (
     enable_gradient_checkpointing,
     load_tokenizer,
 )
-from qdylora_cli.quant import import_bitsandbytes
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +120,11 @@ def clear_old_run(run_dir: Path, *, keep_base: bool) -> None:
 # --- optimizer and schedule ----------------------------------------------------------------------
 
 
-def build_optimizer(opt_cfg: Any, params: list[torch.nn.Parameter], on_cuda: bool) -> torch.optim.Optimizer:
-    """QLoRA's paged AdamW on CUDA; paging needs CUDA, so on CPU the same AdamW runs unpaged."""
-    kwargs = dict(lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
-    name = opt_cfg.name
-    if name == "adamw" or (name == "paged_adamw_32bit" and not on_cuda):
-        if name != "adamw":
-            log.info("optimizer.name=%s: paged optimizers need CUDA; using torch AdamW (same update, unpaged)", name)
-        return torch.optim.AdamW(params, **kwargs)
-    bnb = import_bitsandbytes()
-    if bnb is None:
-        raise QdyloraError(f"optimizer.name={name} needs bitsandbytes: pip install bitsandbytes, or use optimizer.name=adamw")
-    if name == "paged_adamw_32bit":
-        return bnb.optim.PagedAdamW32bit(params, **kwargs)
-    if name == "paged_adamw_8bit" and on_cuda:
-        return bnb.optim.PagedAdamW8bit(params, **kwargs)
-    if name == "paged_adamw_8bit":
-        log.info("optimizer.name=paged_adamw_8bit: paged optimizers need CUDA; using unpaged 8-bit AdamW")
-    return bnb.optim.AdamW8bit(params, **kwargs)
+def build_optimizer(opt_cfg: Any, model: torch.nn.Module) -> RankAwareAdamW:
+    """AdamW over every adapter's factors that steps only the rank slices each step trained."""
+    adapters = [a for _, a in iter_adapters(model)]
+    return RankAwareAdamW(adapter_parameters(adapters), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
+                          eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
 
 
 def lr_lambda(kind: str, max_steps: int, warmup_steps: int):
@@ -258,12 +254,10 @@ def _make_accelerator(cfg: Any) -> Accelerator:
     on_cuda = torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and not on_cuda:
         raise QdyloraError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    # Adapter slices the sampled rank does not reach get no gradient: DDP must expect unused parameters.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     # accelerate keeps its settings process-wide: a second run in one process (tests, notebooks) with
     # another mixed_precision would be refused. The process/device state (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(cpu=not on_cuda, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[ddp])
+    return Accelerator(cpu=not on_cuda, mixed_precision=cfg.train.mixed_precision)
 
 
 def run(cfg: Any) -> Path:
@@ -272,6 +266,8 @@ def run(cfg: Any) -> Path:
     run_dir = Path(cfg.run_dir)
     accelerator = _make_accelerator(cfg)
     main = accelerator.is_main_process
+    k = cfg.rank_schedule.ranks_per_step
+    assign_ranks([1] * k, accelerator.num_processes, t.grad_accum, t.batch_size)  # refuses an unequal split now
     resume_from = prepare_run_dir(cfg, run_dir) if main else None
     resume_from = _broadcast_path(accelerator, resume_from)
     replacing = main and not t.resume and (run_dir / "config.yaml").exists()  # overwrite=true (else refused)
@@ -306,8 +302,8 @@ def run(cfg: Any) -> Path:
     log.info("%s: %d adapted layers; trainable %s of %s parameters (%.3f%%)", meta["base_model"],
              len(meta["target_modules"]), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optimizer, params, accelerator.device.type == "cuda")
+    adamw = build_optimizer(cfg.optimizer, model)
+    optimizer = adamw
     warmup = math.ceil(cfg.optimizer.warmup_ratio * t.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer.scheduler, t.max_steps, warmup))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -329,12 +325,12 @@ def run(cfg: Any) -> Path:
         save_config(cfg, run_dir / "config.yaml")
         _truncate_metrics(run_dir / "metrics.jsonl", step)
 
-    ranks: list[int] = []  # drawn since this process started: part of the replica check
+    drawn: list[int] = []  # ranks drawn since this process started: part of the replica check
 
     def checkpoint(at: int) -> Path:
         adapters = gathered_adapter_state(accelerator.unwrap_model(model))  # every process: collective under FSDP
         optimizer_state_dict = optimizer_state(accelerator.unwrap_model(model), optimizer)
-        check_replicas(accelerator, adapters, ranks, at)
+        check_replicas(accelerator, adapters, drawn, at)
         state = {"step": at, "bad_steps": bad_steps, "skipped_total": skipped_total, "data": batches.state_dict(),
                  "sampler": sampler.state_dict(), "rng": rng_state(), "scheduler": scheduler.state_dict(),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
@@ -363,12 +359,15 @@ def run(cfg: Any) -> Path:
         task = progress.add_task("train", total=t.max_steps, completed=step, info="")
         while step < t.max_steps:
             step_start = time.perf_counter()
-            rank = sampler.sample()
-            ranks.append(rank)
-            set_rank(model, rank)
+            ranks = sampler.sample(k)
+            drawn += ranks
+            # This process's share of the step's ranks: one per micro-batch, or one per chunk of each.
+            plan = assign_ranks(ranks, accelerator.num_processes, t.grad_accum, t.batch_size)[accelerator.process_index]
+            adamw.mark_trained(trained_slices(tuple(ranks), cfg.adapter.mode))
             loss_sum, tokens = torch.zeros((), device=accelerator.device), 0
             for micro in range(t.grad_accum):
-                batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+                set_rank(model, plan[micro])
+                batch = {name: v.to(accelerator.device) for name, v in next(batches).items()}
                 sync = micro == t.grad_accum - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
                     loss = model(**batch).loss / t.grad_accum
@@ -396,7 +395,7 @@ def run(cfg: Any) -> Path:
             scheduler.step()
             step += 1
 
-            record = {"step": step, "loss": loss_value, "rank": rank, "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": loss_value, "ranks": ranks, "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": round(tokens * accelerator.num_processes / (time.perf_counter() - step_start), 1),
                       "elapsed": round(time.perf_counter() - start, 3)}
             if skipped:  # non-finite loss or gradient: no update (counted; see train.max_bad_steps)
@@ -404,11 +403,10 @@ def run(cfg: Any) -> Path:
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps) and val_batches:
                 losses = rank_losses(accelerator.unwrap_model(model), val_batches, eval_ranks, device=accelerator.device)
                 record["val_loss"] = {str(r): round(v, 6) for r, v in losses.items()}
-                set_rank(model, rank)
             if main and (step % t.log_every == 0 or "val_loss" in record or skipped or step == t.max_steps):
                 _append_metrics(run_dir, record)
-            progress.update(task, completed=step, info=f"loss {loss_value:.4f}  rank {rank:>3}  "
-                                                       f"{record['tokens_per_s']:,.0f} tok/s")
+            progress.update(task, completed=step, info=f"loss {loss_value:.4f}  rank{'s' * (k > 1)} "
+                                                       f"{','.join(map(str, ranks)):>3}  {record['tokens_per_s']:,.0f} tok/s")
             if stop.signum is not None or (t.save_every > 0 and step % t.save_every == 0 and step < t.max_steps):
                 path = checkpoint(step)
                 if stop.signum is not None:

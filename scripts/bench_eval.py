@@ -46,8 +46,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.n
     generator = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():  # trained-looking factors: B is zero at init, which would make every rank equal
         for _, adapter in iter_adapters(model):
-            for p in adapter.lora_B:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.01)
+            adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=generator) * 0.01)
     return model.eval()
 
 

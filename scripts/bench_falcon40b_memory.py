@@ -4,14 +4,15 @@
     python scripts/bench_falcon40b_memory.py --tiny     # small shapes on CPU: a smoke test
 
 Random weights are generated and quantized to NF4 one tensor at a time on the GPU
-(loading.fill_model), so the 80 GB float model never exists. Then the training setting of the
-QDyLoRA paper: every linear layer adapted with ranks 1..64 (α 16, dropout 0.05, mode frozen, one
-uniform rank per step), seq 512, batch 1, gradient checkpointing, paged AdamW 32-bit, grad clip 0.3.
+(loading.fill_model), so the 80 GB float model never exists. Then QDyLoRA training as `qdylora
+train` does it by default: every linear layer adapted with ranks 1..64 (α 16, dropout 0.05, the
+default mode, scale and rank schedule), seq 512, micro-batches of 1 (`--grad-accum` per step),
+gradient checkpointing, qdylora's rank-aware AdamW, grad clip 0.3. `--mode frozen` measures the
+papers' mode instead.
 
 Printed: the peak while building the model, the quantized model's resident size, the peak of the
 training steps (CUDA allocator, weights included), and the device memory in use after them as the
-driver sees it (CUDA context and the resident part of the paged optimizer state included: paged
-memory is CUDA managed memory, outside PyTorch's allocator).
+driver sees it (CUDA context included).
 """
 
 from __future__ import annotations
@@ -27,16 +28,14 @@ from transformers import FalconConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train, beside this file
 
 from bench_train import (  # noqa: E402
-    ALPHA,
-    DROPOUT,
     PeakMemory,
     environment,
-    nf4_base,
-    rank_per_step,
+    qdylora_model,
+    qdylora_schedule,
     train_steps,
 )
 
-from qdylora_cli.adapters import count_parameters, inject_adapters  # noqa: E402
+from qdylora_cli.adapters import count_parameters  # noqa: E402
 
 # tiiuae/falcon-40b's config.json: 60 layers, 128 query heads sharing 8 KV heads, parallel attention.
 FALCON_40B = dict(vocab_size=65024, hidden_size=8192, num_hidden_layers=60, num_attention_heads=128,
@@ -53,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 5; tiny 2)")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--r-max", type=int, default=64)
+    parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    parser.add_argument("--mode", choices=["full", "frozen"], default=None, help="adapter mode (default: the default)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                         help="compute dtype on the GPU (the paper's V100 has no bf16: float16 there)")
     args = parser.parse_args(argv)
@@ -68,15 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device, config = args.device, FalconConfig(**(FALCON_TINY if args.tiny else FALCON_40B))
     unit, scale = ("MiB", 2**20) if args.tiny else ("GiB", 2**30)
-    print(f"# {'tiny Falcon' if args.tiny else 'Falcon-40B shape'}, r_max {args.r_max}, seq {args.seq}, batch 1, "
-          f"{args.dtype}, gradient checkpointing, paged AdamW 32-bit, {args.steps} steps")
+    print(f"# {'tiny Falcon' if args.tiny else 'Falcon-40B shape'}, r_max {args.r_max}, seq {args.seq}, batch 1 x "
+          f"{args.grad_accum}, {args.dtype}, gradient checkpointing, rank-aware AdamW, {args.steps} steps")
     print(f"# {environment(device.type)}")
 
     memory = PeakMemory(device)
     memory.start()
     start = time.perf_counter()
-    model = nf4_base(config, device, args.dtype)
-    inject_adapters(model, r_max=args.r_max, alpha=ALPHA, dropout=DROPOUT, mode="frozen", compute_dtype=args.dtype)
+    model = qdylora_model(config, device, args.dtype, args.r_max, mode=args.mode)
     build_s, build_peak = time.perf_counter() - start, memory.peak_bytes()
     trainable, total = count_parameters(model)
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> None:
           f"peak while building {build_peak / scale:.2f} {unit}")
 
     memory.start()
+    optimizer, ranks_of_step = qdylora_schedule(model, args.r_max, args.grad_accum, 1, mode=args.mode)
     tokens_per_s = train_steps(model, device=device, dtype=args.dtype, seq=args.seq, batch=1, steps=args.steps,
-                               warmup=0, gradient_checkpointing=True,
-                               before_step=rank_per_step(model, args.r_max))
+                               warmup=0, gradient_checkpointing=True, grad_accum=args.grad_accum,
+                               optimizer=optimizer, ranks_of_step=ranks_of_step)
     peak = memory.peak_bytes() + memory.base  # weights included: everything the training process holds
     print(f"training: {tokens_per_s:,.0f} tokens/s over {args.steps} steps (first steps included)")
     if device.type == "cuda":

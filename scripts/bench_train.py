@@ -10,11 +10,13 @@ model gets the *same* NF4 codes: each of our NF4Linear layers becomes a `bnb.nn.
 its state dict (the layouts are the same), then `peft.get_peft_model` adds LoRA at r = r_max.
 
 Both sides: all linear layers but lm_head adapted, α 16, dropout 0.05, embeddings and norms in the
-compute dtype, adapters in float32 under autocast, gradient checkpointing, paged AdamW 32-bit,
-grad-norm clipping at 0.3, batch 1 (QLoRA's settings). qdylora draws a rank per step (uniform on
-1..r_max, mode frozen) as in training. Reported: tokens/s over the timed steps after warm-up, and
-the peak memory of the whole training step (weights included): CUDA allocator peak on a GPU,
-process RSS peak on the CPU.
+compute dtype, adapters in float32 under autocast, gradient checkpointing, grad-norm clipping at
+0.3, micro-batches of 1 with `--grad-accum` of them per optimizer step (QLoRA's settings). qdylora
+trains as `qdylora train` does by default (conf/train.yaml: mode, scale, rank schedule and ranks per
+step, each step's ranks shared among its micro-batches) with its rank-aware AdamW; PEFT uses
+torch's AdamW (foreach) at r = r_max. Reported: tokens/s over the timed steps after warm-up, and the
+peak memory of the whole training step (weights included): CUDA allocator peak on a GPU, process
+RSS peak on the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -35,7 +36,14 @@ from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from qdylora_cli.adapters import build_rank_sampler, inject_adapters, set_rank  # noqa: E402
+from qdylora_cli.adapters import (  # noqa: E402
+    assign_ranks,
+    build_rank_sampler,
+    inject_adapters,
+    set_rank,
+    trained_slices,
+)
+from qdylora_cli.config import AdapterConfig, OptimizerConfig, RankScheduleConfig  # noqa: E402
 from qdylora_cli.loading import build_skeleton, fill_model, random_tensors  # noqa: E402
 from qdylora_cli.model import enable_gradient_checkpointing  # noqa: E402
 from qdylora_cli.quant import NF4Linear, import_bitsandbytes  # noqa: E402
@@ -98,9 +106,13 @@ def nf4_base(config: PretrainedConfig, device: torch.device, dtype: torch.dtype,
     return fill_model(model, random_tensors(model, device=device, seed=seed), dtype=dtype, device=device)
 
 
-def qdylora_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, r_max: int) -> PreTrainedModel:
+def qdylora_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, r_max: int,
+                  mode: str | None = None) -> PreTrainedModel:
+    """The NF4 base with qdylora's adapters in the default training setting (or `mode`)."""
+    defaults = AdapterConfig()
     model = nf4_base(config, device, dtype)
-    inject_adapters(model, r_max=r_max, alpha=ALPHA, dropout=DROPOUT, mode="frozen", compute_dtype=dtype)
+    inject_adapters(model, r_max=r_max, alpha=ALPHA, dropout=DROPOUT, mode=mode or defaults.mode,
+                    scale=defaults.scale, compute_dtype=dtype)
     return model
 
 
@@ -139,15 +151,20 @@ def train_steps(
     steps: int,
     warmup: int,
     gradient_checkpointing: bool,
-    before_step: Callable[[int], None] | None = None,
+    grad_accum: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
+    ranks_of_step: Callable[[], list] | None = None,
 ) -> float:
-    """Run warm-up + timed optimizer steps on random tokens; the timed steps' tokens per second."""
+    """Run warm-up + timed optimizer steps on random tokens; the timed steps' tokens per second.
+
+    `ranks_of_step()`, called before each step, sets up qdylora's ranks and returns the rank of
+    each micro-batch; `optimizer` defaults to torch's AdamW.
+    """
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_cfg = SimpleNamespace(name="paged_adamw_32bit", lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    optimizer = build_optimizer(opt_cfg, params, on_cuda=device.type == "cuda")
+    optimizer = optimizer or torch.optim.AdamW(params, lr=LR)
     vocab = model.config.vocab_size
     generator = torch.Generator(device=device).manual_seed(0)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -156,39 +173,53 @@ def train_steps(
         if step == warmup:
             sync(device)
             start = time.perf_counter()
-        if before_step is not None:
-            before_step(step)
-        ids = torch.randint(0, vocab, (batch, seq), device=device, generator=generator)
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        plan = ranks_of_step() if ranks_of_step is not None else [None] * grad_accum
+        for micro in range(grad_accum):
+            if plan[micro] is not None:
+                set_rank(model, plan[micro])
+            ids = torch.randint(0, vocab, (batch, seq), device=device, generator=generator)
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss / grad_accum
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sync(device)
-    return batch * seq * steps / (time.perf_counter() - start)
+    return batch * seq * grad_accum * steps / (time.perf_counter() - start)
 
 
-def rank_per_step(model: nn.Module, r_max: int) -> Callable[[int], None]:
-    """qdylora's training schedule: one uniform rank per optimizer step, in every layer."""
-    sampler = build_rank_sampler("uniform", r_max=r_max, seed=0)
-    return lambda step: set_rank(model, sampler.sample())
+def qdylora_schedule(model: nn.Module, r_max: int, grad_accum: int, batch: int,
+                     mode: str | None = None) -> tuple[torch.optim.Optimizer, Callable[[], list]]:
+    """qdylora's optimizer and training schedule (conf/train.yaml's): each step draws its ranks, tells the
+    optimizer which slices they train and shares them among the micro-batches."""
+    schedule, mode = RankScheduleConfig(), mode or AdapterConfig().mode
+    optimizer = build_optimizer(OptimizerConfig(lr=LR), model)
+    sampler = build_rank_sampler(schedule.kind, r_max=r_max, seed=0)
+    k = schedule.ranks_per_step
+
+    def ranks_of_step() -> list:
+        ranks = sampler.sample(k)
+        optimizer.mark_trained(trained_slices(tuple(ranks), mode))
+        return assign_ranks(ranks, 1, grad_accum, batch)[0]
+
+    return optimizer, ranks_of_step
 
 
 def measure(system: str, args: argparse.Namespace, config: PretrainedConfig, seq: int) -> dict[str, float]:
     device, dtype = torch.device(args.device), args.dtype
     memory = PeakMemory(device)
     memory.start()
+    optimizer, ranks_of_step = None, None
     if system == "qdylora":
         model = qdylora_model(config, device, dtype, args.r_max)
-        before = rank_per_step(model, args.r_max)
+        optimizer, ranks_of_step = qdylora_schedule(model, args.r_max, args.grad_accum, args.batch)
     else:
-        model, before = peft_model(config, device, dtype, args.r_max), None
+        model = peft_model(config, device, dtype, args.r_max)
     tokens_per_s = train_steps(model, device=device, dtype=dtype, seq=seq, batch=args.batch, steps=args.steps,
                                warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
-                               before_step=before)
+                               grad_accum=args.grad_accum, optimizer=optimizer, ranks_of_step=ranks_of_step)
     result = {"tokens_per_s": tokens_per_s, "peak_bytes": memory.peak_bytes()}
-    del model, before
+    del model, optimizer, ranks_of_step
     gc.collect()
     return result
 
@@ -198,6 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU (CI smoke test)")
     parser.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default 512,2048; tiny 64,128)")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step (default 4)")
     parser.add_argument("--r-max", type=int, default=None, help="qdylora r_max = PEFT r (default 64; tiny 8)")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 10; tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
@@ -234,9 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     config = LlamaConfig(**(LLAMA_TINY if args.tiny else LLAMA_7B))
     # GiB of the CUDA allocator's peak on a GPU; MiB of RSS growth on the CPU, where the tiny model is small.
     unit, scale = ("peak GiB (CUDA allocated)", 2**30) if args.device == "cuda" else ("peak MiB (RSS growth)", 2**20)
-    print(f"# {'tiny Llama' if args.tiny else 'Llama-7B shape'}, r_max {args.r_max}, batch {args.batch}, "
-          f"{args.dtype}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-          f"{args.steps} timed steps after {args.warmup}")
+    adapter, schedule = AdapterConfig(), RankScheduleConfig()
+    print(f"# {'tiny Llama' if args.tiny else 'Llama-7B shape'}, r_max {args.r_max}, batch {args.batch} x "
+          f"{args.grad_accum} micro-batches, {args.dtype}, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}, {args.steps} timed steps after {args.warmup}")
+    print(f"# qdylora: mode {adapter.mode}, scale {adapter.scale}, {schedule.kind} ranks, "
+          f"{schedule.ranks_per_step} per step, rank-aware AdamW; peft: r {args.r_max}, torch AdamW")
     print(f"# {environment(args.device)}")
     print(f"| seq | system | tokens/s | {unit} |")
     print("|---|---|---|---|")

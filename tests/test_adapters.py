@@ -1,5 +1,6 @@
-"""Dynamic-rank adapters: the rank-b formula, frozen/full gradients, still slices under optimizers,
-DoRA, multi-rank evaluation, merging, rank samplers, and injection into small Llamas."""
+"""Dynamic-rank adapters: the rank-b formula for every scale, frozen/full gradients, multi-rank
+forwards and their gradients, still slices under the rank-aware optimizer, DoRA, merging, rank
+samplers, and injection into small Llamas."""
 
 import copy
 import math
@@ -12,16 +13,19 @@ from torch.utils.checkpoint import checkpoint
 
 from qdylora_cli.adapters import (
     DynamicRankLoRA,
-    FixedRank,
-    UniformRank,
+    RankAwareAdamW,
+    adapter_parameters,
     adapter_state_dict,
+    assign_ranks,
     build_rank_sampler,
     count_parameters,
     inject_adapters,
     iter_adapters,
     load_adapter_state_dict,
     merge_adapters,
+    rank_scale,
     set_rank,
+    trained_slices,
 )
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.quant import NF4Linear
@@ -29,16 +33,16 @@ from qdylora_cli.quant import NF4Linear
 R_MAX, ALPHA = 6, 4.0
 
 
-def make_adapter(variant="lora", mode="frozen", bias=True, base="linear", seed=0, dropout=0.0):
+def make_adapter(variant="lora", mode="frozen", bias=True, base="linear", seed=0, dropout=0.0,
+                 scale="alpha_over_rank"):
     """An adapter on a 24→32 layer with random B (a fresh B is zero, which would hide mistakes)."""
     torch.manual_seed(seed)
     linear = nn.Linear(24, 32, bias=bias)
     if base == "nf4":
         linear = NF4Linear.from_linear(linear, blocksize=64)
-    adapter = DynamicRankLoRA(linear, R_MAX, ALPHA, dropout=dropout, mode=mode, variant=variant)
+    adapter = DynamicRankLoRA(linear, R_MAX, ALPHA, dropout=dropout, mode=mode, variant=variant, scale=scale)
     with torch.no_grad():
-        for p in adapter.lora_B:
-            p.normal_(0, 0.3)
+        adapter.lora_B.normal_(0, 0.3)
         if variant == "dora":
             adapter.magnitude.mul_(torch.rand(32) + 0.5)
     return adapter
@@ -50,10 +54,17 @@ def weights(adapter):
     return w, adapter.base.bias, A, B
 
 
-def lora_by_hand(adapter, x, b):
+SCALE_BY_HAND = {  # SPEC §2, written out for R_MAX and ALPHA
+    "alpha_over_rank": lambda b: ALPHA / b,
+    "rank_stabilized": lambda b: (ALPHA / R_MAX) * math.sqrt(R_MAX / b),
+    "constant": lambda b: ALPHA / R_MAX,
+}
+
+
+def lora_by_hand(adapter, x, b, scale="alpha_over_rank"):
     w, bias, A, B = weights(adapter)
     y = F.linear(x, w, bias)
-    return y if b == 0 else y + (ALPHA / b) * x @ A[:b].T @ B[:, :b].T
+    return y if b == 0 else y + SCALE_BY_HAND[scale](b) * x @ A[:b].T @ B[:, :b].T
 
 
 def dora_by_hand(adapter, x, b, detach_norm=True, params=None):
@@ -85,55 +96,121 @@ def test_fresh_adapter_is_the_base_and_a_is_kaiming_over_the_whole_matrix():
     assert not any(p.requires_grad for p in adapter.base.parameters())
 
 
+@pytest.mark.parametrize("scale", list(SCALE_BY_HAND))
 @pytest.mark.parametrize("base", ["linear", "nf4"])
 @pytest.mark.parametrize("b", [0, 1, 3, R_MAX])
-def test_rank_b_output_is_the_lora_formula(base, b):
-    adapter = make_adapter(base=base)
+def test_rank_b_output_is_the_lora_formula_at_every_scale(base, b, scale):
+    adapter = make_adapter(base=base, scale=scale)
     adapter.rank = b
     x = torch.randn(2, 5, 24)
-    torch.testing.assert_close(adapter(x), lora_by_hand(adapter, x, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adapter(x), lora_by_hand(adapter, x, b, scale), atol=1e-5, rtol=1e-5)
+
+
+def test_scales_agree_at_r_max_and_differ_below():
+    for b in range(1, R_MAX + 1):
+        for name, by_hand in SCALE_BY_HAND.items():
+            assert rank_scale(name, ALPHA, R_MAX, b) == pytest.approx(by_hand(b), rel=1e-12)
+    assert len({rank_scale(name, ALPHA, R_MAX, R_MAX) for name in SCALE_BY_HAND}) == 1
+    assert len({rank_scale(name, ALPHA, R_MAX, 2) for name in SCALE_BY_HAND}) == 3
+    with pytest.raises(QdyloraError, match="adapter.scale 'alpha/b' is unknown"):
+        rank_scale("alpha/b", ALPHA, R_MAX, 1)
 
 
 def _grad_slices(adapter, b):
+    """The rank slices (1-based) whose rows of A and columns of B got a nonzero gradient."""
     adapter.rank = b
     adapter(torch.randn(4, 24)).pow(2).sum().backward()
-    a = [p.grad is not None for p in adapter.lora_A]
-    bb = [p.grad is not None for p in adapter.lora_B]
-    assert a == bb
-    return [i + 1 for i, has in enumerate(a) if has]
+    a = adapter.lora_A.grad.abs().sum(dim=1) > 0
+    bb = adapter.lora_B.grad.abs().sum(dim=0) > 0
+    assert a.tolist() == bb.tolist()
+    return [i + 1 for i, has in enumerate(a.tolist()) if has]
 
 
 def test_frozen_mode_trains_only_slice_b_and_full_mode_slices_1_to_b():
     for b in (1, 3, R_MAX):
         assert _grad_slices(make_adapter(mode="frozen"), b) == [b]
         assert _grad_slices(make_adapter(mode="full"), b) == list(range(1, b + 1))
+    assert trained_slices(3, "frozen") == [(2, 3)] and trained_slices(3, "full") == [(0, 3)]
+    assert trained_slices((1, 2, 5, 2), "frozen") == [(0, 2), (4, 5)]
+    assert trained_slices((1, 2, 5), "full") == [(0, 5)] and trained_slices(0, "full") == []
 
 
-def make_optimizer(which, params):
-    if which == "torch-adamw":
-        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    bnb = pytest.importorskip("bitsandbytes")
-    if which == "bnb-adamw":
-        return bnb.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    return bnb.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.1, min_8bit_size=1)
-
-
-@pytest.mark.parametrize("which", ["torch-adamw", "bnb-adamw", "bnb-adamw8bit"])
+@pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize("mode", ["frozen", "full"])
-def test_optimizer_steps_leave_untouched_slices_bit_identical(which, mode):
+def test_multi_rank_gradient_is_the_sum_of_each_chunks_single_rank_gradient(mode, variant):
+    """Several ranks per step: chunk i trains at ranks[i], and the gradient is the sum of those runs' gradients."""
+    ranks = (2, 5, 2, R_MAX)
+    x = torch.randn(len(ranks) * 3, 24)
+    target = torch.randn(len(ranks) * 3, 32)
+    adapter = make_adapter(mode=mode, variant=variant)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    adapter.rank = ranks
+    (adapter(x) - target).pow(2).sum().backward()
+    together = [p.grad.clone() for p in params]
+    adapter.zero_grad(set_to_none=True)
+    for i, b in enumerate(ranks):
+        adapter.rank = b
+        rows = slice(3 * i, 3 * (i + 1))
+        (adapter(x[rows]) - target[rows]).pow(2).sum().backward()
+    for got, want in zip(together, [p.grad for p in params]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def per_slice_reference(adapter):
+    """The 0.1 design the optimizer replaces: one parameter per rank slice, stepped by torch's AdamW."""
+    a = [nn.Parameter(row.clone()) for row in adapter.lora_A.detach().split(1, dim=0)]
+    b = [nn.Parameter(col.clone()) for col in adapter.lora_B.detach().split(1, dim=1)]
+    extra = [nn.Parameter(adapter.magnitude.detach().clone())] if adapter.variant == "dora" else []
+    return a, b, extra
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_rank_aware_adamw_equals_adamw_on_one_parameter_per_slice(mode, variant):
+    """Packed factors + RankAwareAdamW move exactly as per-slice parameters under torch AdamW would:
+    same moments, per-slice bias correction, weight decay only on trained slices."""
+    adapter = make_adapter(mode=mode, variant=variant)
+    a, b, extra = per_slice_reference(adapter)
+    reference = torch.optim.AdamW([*a, *b, *extra], lr=1e-2, weight_decay=0.1)
+    ours = RankAwareAdamW(adapter_parameters([adapter]), lr=1e-2, weight_decay=0.1)
+    for ranks in [(4,), (2,), (6,), (2, 5), (1,), (5,), (3, 3)]:
+        x = torch.randn(4 * len(ranks), 24)
+        adapter.rank = ranks if len(ranks) > 1 else ranks[0]
+        adapter(x).pow(2).mean().backward()
+        grads = [adapter.lora_A.grad, adapter.lora_B.grad]
+        # The reference gets the same gradient on exactly the slices the step trained (None elsewhere).
+        trained = {i for start, stop in trained_slices(ranks, mode) for i in range(start, stop)}
+        for i in range(R_MAX):
+            a[i].grad = grads[0][i : i + 1].clone() if i in trained else None
+            b[i].grad = grads[1][:, i : i + 1].clone() if i in trained else None
+        if extra:
+            extra[0].grad = adapter.magnitude.grad.clone()
+        ours.mark_trained(trained_slices(ranks, mode))
+        ours.step()
+        reference.step()
+        ours.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        torch.testing.assert_close(adapter.lora_A.detach(), torch.cat([p.detach() for p in a]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter.lora_B.detach(), torch.cat([p.detach() for p in b], 1), rtol=1e-5, atol=1e-6)
+        if extra:
+            torch.testing.assert_close(adapter.magnitude.detach(), extra[0].detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_optimizer_steps_leave_untouched_slices_bit_identical(mode):
     adapter = make_adapter(mode=mode, variant="dora")
-    opt = make_optimizer(which, [p for p in adapter.parameters() if p.requires_grad])
+    opt = RankAwareAdamW(adapter_parameters([adapter]), lr=1e-2, weight_decay=0.1)
     for b in (4, 2, 6, 2, 1, 5):  # earlier steps leave momentum in slices a later step does not use
         adapter.rank = b
-        before_a = [p.detach().clone() for p in adapter.lora_A]
-        before_b = [p.detach().clone() for p in adapter.lora_B]
+        before_a, before_b = adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone()
         adapter(torch.randn(8, 24)).pow(2).mean().backward()
+        opt.mark_trained(trained_slices(b, mode))
         opt.step()
         opt.zero_grad(set_to_none=True)
         touched = {b} if mode == "frozen" else set(range(1, b + 1))
         for i in range(R_MAX):
             same_a = torch.equal(before_a[i], adapter.lora_A[i])
-            same_b = torch.equal(before_b[i], adapter.lora_B[i])
+            same_b = torch.equal(before_b[:, i], adapter.lora_B[:, i])
             assert (same_a, same_b) == ((False, False) if i + 1 in touched else (True, True)), (b, i)
 
 
@@ -162,8 +239,7 @@ def test_dora_norm_is_a_constant_in_backward():
     x = torch.randn(6, 24, requires_grad=True)
     target = torch.randn(6, 32)
     (adapter(x) - target).pow(2).sum().backward()
-    got = [torch.cat([p.grad for p in adapter.lora_A[:4]]), torch.cat([p.grad for p in adapter.lora_B[:4]], 1),
-           adapter.magnitude.grad, x.grad]
+    got = [adapter.lora_A.grad[:4], adapter.lora_B.grad[:, :4], adapter.magnitude.grad, x.grad]
 
     _, _, A, B = weights(adapter)
     leaves = [A.clone().requires_grad_(), B.clone().requires_grad_(), adapter.magnitude.detach().clone().requires_grad_()]
@@ -204,11 +280,17 @@ def test_multi_rank_forward_equals_single_rank_forwards(variant, base):
         torch.testing.assert_close(together[3 * i : 3 * (i + 1)], adapter(x), atol=1e-5, rtol=1e-5)
 
 
-def test_multi_rank_needs_a_batch_that_splits_evenly():
+def test_multi_rank_chunks_differ_by_at_most_one_row():
     adapter = make_adapter()
-    adapter.rank = (1, 2)
-    with pytest.raises(QdyloraError, match="equal chunks"):
-        adapter(torch.randn(3, 24))
+    x = torch.randn(5, 24)
+    adapter.rank = (1, 3)  # rows 0-2 (chunk 0: ⌊j·2/5⌋ = 0 for j < 3) at rank 1, rows 3-4 at rank 3
+    together = adapter(x)
+    for rows, b in ((slice(0, 3), 1), (slice(3, 5), 3)):
+        adapter.rank = b
+        torch.testing.assert_close(together[rows], adapter(x[rows]), atol=1e-5, rtol=1e-5)
+    adapter.rank = (1, 2, 3)
+    with pytest.raises(QdyloraError, match="batch of 2 rows cannot give each of 3 ranks a chunk"):
+        adapter(torch.randn(2, 24))
 
 
 def test_multi_rank_dequantizes_the_base_once(monkeypatch):
@@ -230,7 +312,7 @@ def test_checkpointed_forward_with_dropout_matches_the_plain_one():
         torch.manual_seed(1)
         y = checkpoint(adapter, x, use_reentrant=False) if use_checkpoint else adapter(x)
         y.pow(2).sum().backward()
-        grads.append((y.detach(), [p.grad.clone() for p in adapter.lora_A[:5]]))
+        grads.append((y.detach(), [adapter.lora_A.grad[:5].clone()]))
         adapter.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1], grads[1][1]):
@@ -266,21 +348,42 @@ def test_set_rank_sets_every_adapter_or_none():
 
 def test_uniform_sampler_covers_its_range_and_resumes_exactly():
     sampler = build_rank_sampler("uniform", r_max=8, min_rank=3, seed=7)
-    draws = [sampler.sample() for _ in range(600)]
+    draws = [sampler.sample()[0] for _ in range(600)]
     assert set(draws) == set(range(3, 9))
     assert max(draws.count(b) for b in range(3, 9)) < 2 * min(draws.count(b) for b in range(3, 9))
     state = sampler.state_dict()
-    rest = [sampler.sample() for _ in range(20)]
-    resumed = UniformRank(3, 8, seed=123)
+    rest = [sampler.sample(3) for _ in range(20)]
+    resumed = build_rank_sampler("uniform", r_max=8, min_rank=3, seed=123)
     resumed.load_state_dict(state)
-    assert [resumed.sample() for _ in range(20)] == rest
+    assert [resumed.sample(3) for _ in range(20)] == rest
     # Every process built from the same seed draws the same ranks.
-    assert [UniformRank(1, 8, 5).sample() for _ in range(3)] == [UniformRank(1, 8, 5).sample() for _ in range(3)]
+    twins = [build_rank_sampler("uniform", r_max=8, seed=5) for _ in range(2)]
+    assert [twins[0].sample(4) for _ in range(3)] == [twins[1].sample(4) for _ in range(3)]
+
+
+def test_several_ranks_per_step_are_stratified():
+    """k ranks: one from each k-quantile of P(b), so every step spans low and high ranks."""
+    sampler = build_rank_sampler("uniform", r_max=16, seed=0)
+    for _ in range(200):
+        assert [(b - 1) // 4 for b in sampler.sample(4)] == [0, 1, 2, 3]  # one rank from each quarter of 1..16
+    octave = build_rank_sampler("octave", r_max=16, seed=0)  # quintiles: 1 | 2-3 | 4-7 | 8-15 | 16
+    for _ in range(200):
+        assert [1 << (b.bit_length() - 1) for b in octave.sample(5)] == [1, 2, 4, 8, 16]
+    assert build_rank_sampler("fixed", r_max=8, rank=3).sample(4) == [3, 3, 3, 3]
+
+
+def test_ranks_are_shared_equally_among_processes_micro_batches_and_chunks():
+    assert assign_ranks([1, 5, 9, 16], 1, 1, 8) == [[(1, 5, 9, 16)]]  # one micro-batch of 8: chunks of 2
+    assert assign_ranks([1, 5, 9, 16], 1, 8, 1) == [[1, 1, 5, 5, 9, 9, 16, 16]]  # a rank per 2 micro-batches
+    assert assign_ranks([1, 5, 9, 16], 1, 2, 4) == [[(1, 5), (9, 16)]]
+    assert assign_ranks([1, 5, 9, 16], 2, 1, 4) == [[(1, 5)], [(9, 16)]]  # each process its own share
+    assert assign_ranks([3], 2, 2, 1) == [[3, 3], [3, 3]]
+    with pytest.raises(QdyloraError, match=r"ranks_per_step=3 cannot share .* 1 micro-batch\(es\) × 4 example"):
+        assign_ranks([1, 2, 3], 1, 1, 4)
 
 
 def test_fixed_sampler_and_registry_errors():
-    assert isinstance(build_rank_sampler("fixed", r_max=8, rank=4), FixedRank)
-    assert [build_rank_sampler("fixed", r_max=8).sample() for _ in range(2)] == [8, 8]
+    assert [build_rank_sampler("fixed", r_max=8).sample() for _ in range(2)] == [[8], [8]]
     with pytest.raises(QdyloraError, match="fixed.*uniform"):
         build_rank_sampler("cosine", r_max=8)
     with pytest.raises(QdyloraError, match="min_rank"):
@@ -305,11 +408,11 @@ def tiny_llama():
 def _train(model, ids, steps=20, seed=0):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-2, weight_decay=0.01)
-    sampler = UniformRank(1, R_MAX, seed)
+    sampler = build_rank_sampler("uniform", r_max=R_MAX, seed=seed)
     model.train()
     losses = []
     for _ in range(steps):
-        set_rank(model, sampler.sample())
+        set_rank(model, sampler.sample()[0])
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -392,8 +495,7 @@ def test_gradient_checkpointing_with_dropout_gives_the_same_gradients():
         inject_adapters(model, r_max=R_MAX, alpha=ALPHA, dropout=0.2, mode="full", variant="dora",
                         compute_dtype=torch.float32)
         for _, adapter in iter_adapters(model):
-            for p in adapter.lora_B:
-                nn.init.normal_(p, std=0.1)
+            nn.init.normal_(adapter.lora_B, std=0.1)
         if use_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.18
@@ -424,8 +526,7 @@ def test_rank_b_is_the_peft_adapter_with_r_b_and_the_same_alpha(variant):
     inject_adapters(ours, r_max=R_MAX, alpha=ALPHA, variant=variant, quant="none")
     with torch.no_grad():  # as if trained: B nonzero, magnitudes moved
         for _, adapter in iter_adapters(ours):
-            for p in adapter.lora_B:
-                p.normal_(0, 0.1)
+            adapter.lora_B.normal_(0, 0.1)
             if variant == "dora":
                 adapter.magnitude.mul_(1.2)
     config = peft.LoraConfig(r=b, lora_alpha=ALPHA, target_modules="all-linear", use_dora=variant == "dora")

@@ -24,7 +24,7 @@ def test_help_lists_commands_groups_and_recipes():
     out = qdylora("--help")
     assert out.returncode == 0, out.stderr
     for word in ("train", "eval", "export", "tiny", "falcon40b_alpaca", "llama2_7b_alpaca", "llama3_8b_alpaca",
-                 "model", "tiny*", "rank_schedule", "paged_adamw_32bit*", "--config-dir"):
+                 "model", "tiny*", "rank_schedule", "octave*", "paper", "--config-dir"):
         assert word in out.stdout
     train = qdylora("train", "--help")
     assert train.returncode == 0 and "+recipe=NAME" in train.stdout and "falcon_40b" in train.stdout

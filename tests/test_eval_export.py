@@ -235,19 +235,26 @@ def _float_base(run_dir):
     return AutoModelForCausalLM.from_pretrained(run_dir / "base_model").eval()
 
 
-@pytest.mark.parametrize("run", ["lora_run", "dora_run"])
-def test_peft_export_equals_our_model_at_that_rank(run, request):
+# (lora_alpha, use_rslora) PEFT needs at r=5 for the tiny recipe's α 32, r_max 8: PEFT scales by lora_alpha/r
+# (or lora_alpha/√r with rsLoRA), and that must equal our s(5).
+PEFT_SCALE = {"alpha_over_rank": (32.0, False), "rank_stabilized": (32.0 / 8**0.5, True), "constant": (20.0, False)}
+
+
+@pytest.mark.parametrize("scale", list(PEFT_SCALE))
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_peft_export_equals_our_model_at_that_rank(variant, scale, tmp_path):
     peft = pytest.importorskip("peft")
-    run_dir = request.getfixturevalue(run)
+    run_dir = _train(tmp_path / "run", "train.max_steps=8", f"adapter.variant={variant}", f"adapter.scale={scale}")
     assert qdylora("export", f"run_dir={run_dir}", "rank=5") == 0
     out = run_dir / "export" / "rank-5-peft"
     config = json.loads((out / "adapter_config.json").read_text())
     weights, meta = load_adapter(run_dir / "adapter")
-    assert (config["r"], config["lora_alpha"], config["use_dora"]) == (5, 32.0, run == "dora_run")
+    assert (config["r"], config["use_dora"]) == (5, variant == "dora")
+    assert (config["lora_alpha"], config["use_rslora"]) == pytest.approx(PEFT_SCALE[scale])
     assert config["target_modules"] == meta["target_modules"]
 
     ours = _float_base(run_dir)  # the same unquantized base on both sides
-    inject_adapters(ours, r_max=8, alpha=32.0, mode=meta["mode"], variant=meta["variant"], quant="none")
+    inject_adapters(ours, r_max=8, alpha=32.0, mode=meta["mode"], variant=variant, scale=scale, quant="none")
     load_adapter_state_dict(ours, weights)
     set_rank(ours, 5)
     theirs = peft.PeftModel.from_pretrained(_float_base(run_dir), str(out)).eval()
@@ -334,7 +341,7 @@ def test_stories260k_export_and_eval(stories260k, shakespeare, tmp_path):
     theirs = peft.PeftModel.from_pretrained(base, str(run_dir / "export" / "rank-2-peft")).eval()
     ours = AutoModelForCausalLM.from_pretrained(stories260k).eval()
     weights, meta = load_adapter(run_dir / "adapter")
-    inject_adapters(ours, r_max=8, alpha=16.0, mode=meta["mode"], quant="none")
+    inject_adapters(ours, r_max=8, alpha=16.0, mode=meta["mode"], scale=meta["scale"], quant="none")
     load_adapter_state_dict(ours, weights)
     set_rank(ours, 2)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qdylora_cli.adapters.rank import RANK_SAMPLERS, HarmonicRank, OctaveRank, build_rank_sampler
+from qdylora_cli.adapters.rank import RANK_WEIGHTS, build_rank_sampler
+from qdylora_cli.choices import RANK_SCHEDULES
 from qdylora_cli.cli import compose_config
-from qdylora_cli.config import RANK_SCHEDULES
 from qdylora_cli.errors import QdyloraError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "rank_schedule"
@@ -27,21 +27,24 @@ def test_octave_gives_each_octave_an_equal_share():
 
 def test_octave_cuts_octaves_to_min_rank_and_r_max():
     # r_max 12: octaves 1 | 2-3 | 4-7 | 8-12; min_rank 3 leaves 3 | 4-7 | 8-15 | 16.
-    assert probs(OctaveRank(1, 12)) == pytest.approx([1 / 4] + [1 / 8] * 2 + [1 / 16] * 4 + [1 / 20] * 5)
-    assert probs(OctaveRank(3, 16)) == pytest.approx([1 / 4] + [1 / 16] * 4 + [1 / 32] * 8 + [1 / 4])
-    assert probs(OctaveRank(1, 1)) == [1.0]
+    def octave(low, r_max):
+        return build_rank_sampler("octave", r_max=r_max, min_rank=low)
+
+    assert probs(octave(1, 12)) == pytest.approx([1 / 4] + [1 / 8] * 2 + [1 / 16] * 4 + [1 / 20] * 5)
+    assert probs(octave(3, 16)) == pytest.approx([1 / 4] + [1 / 16] * 4 + [1 / 32] * 8 + [1 / 4])
+    assert probs(octave(1, 1)) == [1.0]
 
 
 def test_harmonic_is_proportional_to_one_over_b():
     total = sum(Fraction(1, b) for b in range(2, 9))
-    assert probs(HarmonicRank(2, 8)) == pytest.approx([float(Fraction(1, b) / total) for b in range(2, 9)])
+    assert probs(build_rank_sampler("harmonic", r_max=8, min_rank=2)) == pytest.approx([float(Fraction(1, b) / total) for b in range(2, 9)])
 
 
 @pytest.mark.parametrize("kind", ["octave", "harmonic"])
 def test_draws_follow_the_distribution(kind):
     s = build_rank_sampler(kind, r_max=16, min_rank=1, seed=123)
     n = 40_000
-    counts = Counter(s.sample() for _ in range(n))
+    counts = Counter(s.sample()[0] for _ in range(n))
     assert set(counts) <= set(range(1, 17))
     for b, p in enumerate(probs(s), start=1):
         sd = (n * p * (1 - p)) ** 0.5
@@ -51,14 +54,14 @@ def test_draws_follow_the_distribution(kind):
 @pytest.mark.parametrize("kind", ["octave", "harmonic"])
 def test_same_seed_same_ranks_and_state_resumes_the_sequence(kind):
     a = build_rank_sampler(kind, r_max=16, seed=7)
-    first = [a.sample() for _ in range(25)]
+    first = [a.sample(2) for _ in range(25)]
     again = build_rank_sampler(kind, r_max=16, seed=7)
-    assert [again.sample() for _ in range(25)] == first
+    assert [again.sample(2) for _ in range(25)] == first
     state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in a.state_dict().items()}
-    expected = [a.sample() for _ in range(50)]
+    expected = [a.sample(4) for _ in range(50)]
     resumed = build_rank_sampler(kind, r_max=16, seed=999)  # another seed: the state decides
     resumed.load_state_dict(state)
-    assert [resumed.sample() for _ in range(50)] == expected
+    assert [resumed.sample(4) for _ in range(50)] == expected
 
 
 @pytest.mark.parametrize("kind", ["octave", "harmonic"])
@@ -70,7 +73,7 @@ def test_bad_min_rank_is_a_clear_error(kind):
 
 
 def test_every_kind_is_registered_configured_and_selectable():
-    assert set(RANK_SAMPLERS) == set(RANK_SCHEDULES)
+    assert {*RANK_WEIGHTS, "fixed"} == set(RANK_SCHEDULES)
     for kind in RANK_SCHEDULES:
         assert (CONF / f"{kind}.yaml").exists(), kind
         if kind != "fixed":  # fixed needs mode full; checked in test_config

@@ -1,10 +1,13 @@
 """End-to-end training: the tiny recipe through the console script, exact resume, a real pretrained model."""
 
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from qdylora_cli import train
@@ -35,7 +38,9 @@ def test_tiny_recipe_through_the_console_script(tmp_path):
     first, last = _val(run_dir, 8)[0], _val(run_dir, 8)[-1]
     assert last < first - 1.0, f"validation loss at rank 8 should fall clearly: {first} -> {last}"
     record = _metrics(run_dir)[-1]
-    assert {"step", "loss", "rank", "lr", "tokens_per_s", "elapsed"} <= record.keys()
+    assert {"step", "loss", "ranks", "lr", "tokens_per_s", "elapsed"} <= record.keys()
+    # The default draws 4 ranks per step, one from each quarter of the octave schedule's mass.
+    assert all(len(m["ranks"]) == 4 and m["ranks"] == sorted(m["ranks"]) for m in _metrics(run_dir) if "ranks" in m)
     # A second train into the same run dir must refuse and leave the run alone.
     again = subprocess.run(["qdylora", "train", "+recipe=tiny", f"run_dir={run_dir}"],
                            capture_output=True, text=True, timeout=120)
@@ -63,6 +68,54 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path):
     for key in a:
         assert a[key].equal(b[key]), key
     assert [m["step"] for m in _metrics(crashed)] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in _metrics(crashed)] == [m["loss"] for m in _metrics(straight)]
+
+
+def _as_saved_by_version_0_1(run_dir, step):
+    """Rewrite a run as qdylora 0.1 saved it: a config without the keys added since, and the optimizer
+    state of one parameter per rank slice (A's rows, then B's columns, then DoRA's magnitude per
+    adapter), with no state for slices no step had trained."""
+    config = (run_dir / "config.yaml").read_text()
+    config = re.sub(r"\n  (scale|ranks_per_step): \w+", "", config).replace("name: adamw", "name: paged_adamw_32bit")
+    (run_dir / "config.yaml").write_text(config)
+    ckpt = run_dir / "checkpoints" / f"step-{step}"
+    new = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    old_state, index = {}, 0
+    for i, dim in enumerate(new["param_groups"][0]["slice_dims"]):
+        s = new["state"][i]
+        if dim is None:  # DoRA's magnitude
+            old_state[index] = {"step": s["slice_steps"].clone(), "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
+            index += 1
+            continue
+        steps = s["slice_steps"].flatten()
+        for j in range(len(steps)):
+            if steps[j] > 0:
+                old_state[index + j] = {"step": steps[j].clone(), **{
+                    k: s[k].narrow(dim, j, 1).clone() for k in ("exp_avg", "exp_avg_sq")}}
+        index += len(steps)
+    group = {k: v for k, v in new["param_groups"][0].items() if k != "slice_dims"} | {"params": list(range(index))}
+    torch.save({"state": old_state, "param_groups": [group]}, ckpt / "optimizer.pt")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["optimizer.pt"] = hashlib.sha256((ckpt / "optimizer.pt").read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_a_run_of_version_0_1_resumes_as_if_never_interrupted(tmp_path, variant):
+    """0.1 runs (α/b, one rank per step, per-slice optimizer state) continue exactly where they stopped."""
+    old = ("adapter.scale=alpha_over_rank", "rank_schedule.ranks_per_step=1", "adapter.mode=frozen",
+           f"adapter.variant={variant}")
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train.run(_tiny(straight, *old))
+    train.run(_tiny(crashed, *old))
+    shutil.rmtree(crashed / "adapter")
+    shutil.rmtree(crashed / "checkpoints" / "step-6")
+    _as_saved_by_version_0_1(crashed, 3)
+    train.run(_tiny(crashed, "train.resume=true", *old))
+    a = load_file(str(straight / "adapter" / "adapter.safetensors"))
+    b = load_file(str(crashed / "adapter" / "adapter.safetensors"))
+    for key in a:
+        assert a[key].equal(b[key]), key
     assert [m["loss"] for m in _metrics(crashed)] == [m["loss"] for m in _metrics(straight)]
 
 

@@ -1,4 +1,4 @@
-"""Dynamic-rank adapters (QDyLoRA, QDyDoRA): the layer, rank control, and model-level helpers."""
+"""Dynamic-rank adapters (QDyLoRA, QDyDoRA): the layer, rank control, its optimizer, model-level helpers."""
 
 from qdylora_cli.adapters.inject import (
     adapter_state_dict,
@@ -9,23 +9,18 @@ from qdylora_cli.adapters.inject import (
     load_adapter_state_dict,
     merge_adapters,
 )
-from qdylora_cli.adapters.lora import DynamicRankLoRA, base_weight, check_rank
-from qdylora_cli.adapters.rank import (
-    RANK_SAMPLERS,
-    FixedRank,
-    RankSampler,
-    UniformRank,
-    build_rank_sampler,
-    set_rank,
-)
+from qdylora_cli.adapters.lora import DynamicRankLoRA, base_weight, check_rank, rank_scale, trained_slices
+from qdylora_cli.adapters.optim import RankAwareAdamW, adapter_parameters, upgrade_per_slice_state
+from qdylora_cli.adapters.rank import RANK_WEIGHTS, RankSampler, assign_ranks, build_rank_sampler, set_rank
 
 __all__ = [
-    "RANK_SAMPLERS",
+    "RANK_WEIGHTS",
     "DynamicRankLoRA",
-    "FixedRank",
+    "RankAwareAdamW",
     "RankSampler",
-    "UniformRank",
+    "adapter_parameters",
     "adapter_state_dict",
+    "assign_ranks",
     "base_weight",
     "build_rank_sampler",
     "check_rank",
@@ -35,5 +30,8 @@ __all__ = [
     "iter_adapters",
     "load_adapter_state_dict",
     "merge_adapters",
+    "rank_scale",
     "set_rank",
+    "trained_slices",
+    "upgrade_per_slice_state",
 ]

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from qdylora_cli.adapters.lora import DynamicRankLoRA, check_rank
+from qdylora_cli.choices import QUANT_TYPES
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.quant import NF4Linear
 
 ALL_LINEAR = "all-linear"
-QUANT_TYPES = ("nf4", "none")
 
 
 def iter_adapters(model: nn.Module) -> Iterator[tuple[str, DynamicRankLoRA]]:
@@ -60,8 +60,9 @@ def inject_adapters(
     r_max: int,
     alpha: float,
     dropout: float = 0.0,
-    mode: str = "frozen",
+    mode: str = "full",
     variant: str = "lora",
+    scale: str = "alpha_over_rank",
     target_modules: Sequence[str] = (ALL_LINEAR,),
     quant: str = "nf4",
     double_quant: bool = True,
@@ -86,7 +87,8 @@ def inject_adapters(
             base = NF4Linear.from_linear(linear, double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize)
         else:
             base = linear
-        setattr(parent, attr, DynamicRankLoRA(base, r_max, alpha, dropout=dropout, mode=mode, variant=variant))
+        setattr(parent, attr, DynamicRankLoRA(base, r_max, alpha, dropout=dropout, mode=mode, variant=variant,
+                                                   scale=scale))
         del linear  # with quant="nf4" that was the last reference to the float weight (unless tied elsewhere)
     return names
 

@@ -1,12 +1,12 @@
 """`DynamicRankLoRA`: one adapter that holds every LoRA rank 1..r_max at once (DyLoRA), on a float or NF4 base.
 
-At rank b the layer computes `y = base(x) + (α/b)·dropout(x)·A[:b]ᵀ·B[:, :b]ᵀ` (SPEC §2); variant
-`dora` rescales each output row to a learned magnitude (SPEC §3).
+At rank b the layer computes `y = base(x) + s(b)·dropout(x)·A[:b]ᵀ·B[:, :b]ᵀ` (SPEC §2), where the
+scale s(b) is one of `SCALES`; variant `dora` rescales each output row to a learned magnitude (SPEC §3).
 
-A is stored as r_max parameters of shape 1×in and B as r_max parameters of shape out×1 rather than
-two matrices: slices a step does not use then have `grad is None`, so every optimizer (torch AdamW,
-bitsandbytes) skips them entirely: no weight decay, no momentum drift on rows that got no gradient.
-Zeroing gradients with `set_to_none=False` would defeat this, so train loops must not do that.
+A (r_max×in) and B (out×r_max) are one parameter each, as in any LoRA; the active rank is a view
+(`A[:b]`, `B[:, :b]`). Slices above the active rank are not in the graph and get a zero gradient;
+which slices a step *trained* is `trained_slices`, and `RankAwareAdamW` (optim.py) updates only
+those, so a slice no step used never moves (no weight decay, no momentum drift).
 """
 
 from __future__ import annotations
@@ -19,14 +19,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdylora_cli.choices import ADAPTER_MODES, ADAPTER_SCALES, ADAPTER_VARIANTS
 from qdylora_cli.errors import QdyloraError
 
 if TYPE_CHECKING:
     from qdylora_cli.quant import NF4Linear
 
-MODES = ("frozen", "full")
-VARIANTS = ("lora", "dora")
 Rank = int | tuple[int, ...]
+
+
+def rank_scale(scale: str, alpha: float, r_max: int, b: int) -> float:
+    """s(b), the factor of the rank-b update (SPEC §2).
+
+    `alpha_over_rank`: α/b, DyLoRA's and the papers' (rank b is a LoRA with r=b, lora_alpha=α).
+    `rank_stabilized`: (α/r_max)·√(r_max/b), rsLoRA's 1/√b fall-off; equal to α/b at r_max.
+    `constant`: α/r_max, so rank b is exactly the truncation of the rank-r_max update.
+    """
+    if scale == "alpha_over_rank":
+        return alpha / b
+    if scale == "rank_stabilized":
+        return alpha / math.sqrt(r_max * b)
+    if scale == "constant":
+        return alpha / r_max
+    raise QdyloraError(f"adapter.scale {scale!r} is unknown; expected one of {', '.join(ADAPTER_SCALES)}")
+
+
+def trained_slices(ranks: Rank, mode: str) -> list[tuple[int, int]]:
+    """The rank slices a step at `ranks` trains, as sorted disjoint [start, stop) ranges of slice indices.
+
+    `full`: slices 0..max(ranks)-1. `frozen` (DyLoRA): slice b-1 of each rank b, the lower ones
+    being used but not trained. Rank 0 trains nothing.
+    """
+    ranks = ranks if isinstance(ranks, tuple) else (ranks,)
+    if mode == "full":
+        top = max(ranks)
+        return [(0, top)] if top > 0 else []
+    ranges: list[tuple[int, int]] = []
+    for b in sorted(set(ranks) - {0}):
+        if ranges and ranges[-1][1] == b - 1:
+            ranges[-1] = (ranges[-1][0], b)
+        else:
+            ranges.append((b - 1, b))
+    return ranges
 
 
 def base_weight(base: nn.Linear | NF4Linear) -> torch.Tensor:
@@ -54,11 +88,11 @@ def check_rank(rank: object, r_max: int) -> Rank:
 class DynamicRankLoRA(nn.Module):
     """A frozen linear layer (`nn.Linear` or `NF4Linear`) plus LoRA factors usable at any rank 1..r_max.
 
-    `rank` selects what forward computes: 0 = the base alone, b = rank b, a tuple = one rank per
-    equal chunk of the batch (multi-rank evaluation with one base matmul). Mode `frozen` trains
-    only slice b (A row b, B column b) at rank b, the slices below being used but detached;
-    `full` trains slices 1..b (with a tuple, b is its largest rank). Adapter parameters are
-    float32 master weights; the adapter path computes in the input's dtype.
+    `rank` selects what forward computes: 0 = the base alone, b = rank b, a tuple of k ranks = one
+    rank per contiguous chunk of the batch (k chunks as equal as possible; multi-rank evaluation and
+    several ranks per training step, with one base matmul). Mode `full` trains slices 1..b at rank
+    b; `frozen` trains only slice b, each chunk's gradient reaching its own slice b alone. Adapter
+    parameters are float32 master weights; the adapter path computes in the input's dtype.
     """
 
     def __init__(
@@ -67,32 +101,30 @@ class DynamicRankLoRA(nn.Module):
         r_max: int,
         alpha: float,
         dropout: float = 0.0,
-        mode: str = "frozen",
+        mode: str = "full",
         variant: str = "lora",
+        scale: str = "alpha_over_rank",
     ) -> None:
         super().__init__()
         if not isinstance(r_max, int) or r_max < 1:
             raise QdyloraError(f"adapter r_max must be a positive integer, got {r_max!r}")
-        if mode not in MODES:
-            raise QdyloraError(f"adapter mode {mode!r} is unknown; expected one of {', '.join(MODES)}")
-        if variant not in VARIANTS:
-            raise QdyloraError(f"adapter variant {variant!r} is unknown; expected one of {', '.join(VARIANTS)}")
+        if mode not in ADAPTER_MODES:
+            raise QdyloraError(f"adapter mode {mode!r} is unknown; expected one of {', '.join(ADAPTER_MODES)}")
+        if variant not in ADAPTER_VARIANTS:
+            raise QdyloraError(f"adapter variant {variant!r} is unknown; expected one of {', '.join(ADAPTER_VARIANTS)}")
+        rank_scale(scale, alpha, r_max, 1)  # checks the name
         if not 0.0 <= dropout < 1.0:
             raise QdyloraError(f"adapter dropout must be in [0, 1), got {dropout}")
         base.requires_grad_(False)
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r_max, self.alpha, self.mode, self.variant = r_max, float(alpha), mode, variant
+        self.r_max, self.alpha, self.mode, self.variant, self.scale = r_max, float(alpha), mode, variant, scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         device = next(itertools.chain(base.parameters(), base.buffers())).device
-        # Kaiming over the whole r_max×in matrix, as one LoRA A would be, then cut into rank slices.
-        a = torch.empty(r_max, self.in_features, device=device)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_A = nn.ParameterList(nn.Parameter(row.clone()) for row in a.split(1, dim=0))
-        self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(self.out_features, 1, device=device)) for _ in range(r_max)
-        )
+        self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # over the whole r_max×in matrix, as LoRA's A
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r_max, device=device))
         if variant == "dora":
             with torch.no_grad():
                 w = base_weight(base)
@@ -107,80 +139,91 @@ class DynamicRankLoRA(nn.Module):
     def rank(self, value: Rank) -> None:
         self._rank = check_rank(value, self.r_max)
 
-    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`A[:rank]` (rank×in) and `B[:, :rank]` (out×rank), detached below `rank` in frozen mode."""
-        a, b = list(self.lora_A)[:rank], list(self.lora_B)[:rank]
-        if self.mode == "frozen":
-            a = [p.detach() for p in a[:-1]] + a[-1:]
-            b = [p.detach() for p in b[:-1]] + b[-1:]
-        return torch.cat(a, dim=0), torch.cat(b, dim=1)
+    def rank_scale(self, b: int) -> float:
+        return rank_scale(self.scale, self.alpha, self.r_max, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ranks = self._rank if isinstance(self._rank, tuple) else (self._rank,)
         top = max(ranks)
         if top == 0:
             return self.base(x)
-        A, B = self.factors(top)
-        # Factors cast to the activations' dtype, not x to float32, so backward saves no float32 copy of x.
-        h = F.linear(self.dropout(x), A.to(x.dtype))  # (..., top): all ranks share one matmul
-        if len(ranks) == 1:
-            h = h * (self.alpha / top)
-        else:  # chunk i keeps its first ranks[i] columns, scaled by α/ranks[i]
-            h = _per_chunk(h, self._rank_columns(ranks, top).to(h.dtype))
+        delta = self._delta(x, ranks, top)
         if self.variant == "dora":
-            return self._dora(x, A, B, h, ranks)
+            return self._dora(x, delta, ranks, top)
         y = self.base(x)
-        return y + F.linear(h, B.to(h.dtype)).to(y.dtype)
+        return y + delta.to(y.dtype)
+
+    def _delta(self, x: torch.Tensor, ranks: tuple[int, ...], top: int) -> torch.Tensor:
+        """The low-rank update `s(b)·dropout(x)·A[:b]ᵀ·B[:, :b]ᵀ`, each chunk at its own rank b.
+
+        All ranks share one pair of matmuls at the largest rank `top`: chunk i keeps the first
+        ranks[i] columns of the inner product, scaled by s(ranks[i]). Factors are cast to the
+        activations' dtype, not x to float32, so backward saves no float32 copy of x.
+        """
+        x = self.dropout(x)
+        A, B = self.lora_A[:top].to(x.dtype), self.lora_B[:, :top].to(x.dtype)
+        frozen = self.mode == "frozen" and torch.is_grad_enabled()
+        h = F.linear(x, A.detach() if frozen else A)
+        columns = self._rank_columns(ranks, top).to(h.dtype) if len(ranks) > 1 else None
+        if frozen:  # gradient to A only through column b-1 of a rank-b chunk (the value is unchanged)
+            trained = self._slice_columns(ranks, top).to(h.dtype)
+            h_a = F.linear(x.detach(), A)
+            h = h + _per_row(h_a - h_a.detach(), trained)
+        h = h * self.rank_scale(top) if columns is None else _per_row(h, columns)
+        delta = F.linear(h, B.detach() if frozen else B)
+        if frozen:  # and to B only through column b-1
+            z = F.linear(_per_row(h.detach(), trained), B)
+            delta = delta + (z - z.detach())
+        return delta
 
     def _rank_columns(self, ranks: tuple[int, ...], top: int) -> torch.Tensor:
-        """(len(ranks), top): α/b on the first b columns of row i (b = ranks[i]), zero elsewhere."""
-        cols = torch.arange(top, device=self.lora_A[0].device)
+        """(len(ranks), top): s(b) on the first b columns of row i (b = ranks[i]), zero elsewhere."""
+        cols = torch.arange(top, device=self.lora_A.device)
         b = torch.tensor(ranks, device=cols.device)
-        return (cols < b[:, None]) * (self.alpha / b.clamp(min=1))[:, None]
+        scales = torch.tensor([self.rank_scale(r) if r else 0.0 for r in ranks], device=cols.device)
+        return (cols < b[:, None]) * scales[:, None]
 
-    def _dora(
-        self,
-        x: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        h: torch.Tensor,
-        ranks: tuple[int, ...],
-    ) -> torch.Tensor:
+    def _slice_columns(self, ranks: tuple[int, ...], top: int) -> torch.Tensor:
+        """(len(ranks), top): 1 at column b-1 of row i (b = ranks[i]; none for b = 0), zero elsewhere."""
+        cols = torch.arange(top, device=self.lora_A.device)
+        return (cols == torch.tensor(ranks, device=cols.device)[:, None] - 1).float()
+
+    def _dora(self, x: torch.Tensor, delta: torch.Tensor, ranks: tuple[int, ...], top: int) -> torch.Tensor:
         """`m ⊙ (W + s·BA)/‖W + s·BA‖_row` applied to x, bias added after the rescaling.
 
-        Uses `(m/n) ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ)` so the adapted weight is never materialised. The base's
+        Uses `(m/n) ⊙ (x·Wᵀ + delta)` so the adapted weight is never materialised. The base's
         output already contains the bias, hence `+ (1 - m/n) ⊙ bias` to leave the bias unscaled.
         """
         weight = base_weight(self.base)
-        norms = self._dora_norms(weight, A, B, ranks)
+        norms = self._dora_norms(weight, ranks, top)
         scale = self.magnitude / norms  # (k, out); the norm is a constant in backward (DoRA §4.3)
         if 0 in ranks:  # adapters off: the base output, whatever the magnitude has learnt
             scale = torch.where(torch.tensor(ranks, device=scale.device)[:, None] == 0, 1.0, scale)
         y = _base_forward(self.base, x, weight)
-        y = y + F.linear(h, B.to(h.dtype)).to(y.dtype)
-        bias = self.base.bias
+        y = y + delta.to(y.dtype)
         scale = scale.to(y.dtype)
-        out = _per_chunk(y, scale)
+        out = _per_row(y, scale)
+        bias = self.base.bias
         if bias is not None:
-            out = out + _per_chunk(bias.to(y.dtype).expand_as(y), 1 - scale)
+            out = out + _per_row(bias.to(y.dtype).expand_as(y), 1 - scale)
         return out
 
     @torch.no_grad()
-    def _dora_norms(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
-        """Row norms of `W + (α/b)·B[:, :b]·A[:b]` for each rank b, shape (len(ranks), out), float32.
+    def _dora_norms(self, weight: torch.Tensor, ranks: tuple[int, ...], top: int) -> torch.Tensor:
+        """Row norms of `W + s(b)·B[:, :b]·A[:b]` for each rank b, shape (len(ranks), out), float32.
 
         Expanded as ‖W‖² + 2s·Σ B⊙(W·Aᵀ) + s²·Σ B⊙(B·A·Aᵀ) so only out×top and top×top products are
         formed, never another out×in matrix; W·Aᵀ and A·Aᵀ are shared by every rank.
         """
         # Autocast off: these small products decide every row's scale, keep them in float32.
         with torch.autocast(weight.device.type, enabled=False):
+            A, B = self.lora_A[:top], self.lora_B[:, :top]
             w2 = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
             wa = F.linear(weight, A.to(weight.dtype)).float()  # out×top
-            A, B = A.float(), B.float()
             aa = A @ A.T
             per_rank = {0: w2.sqrt()}  # rank-0 chunks ignore it (scale 1) but keep the stack rectangular
             for b in set(ranks) - {0}:
-                s, bb = self.alpha / b, B[:, :b]
+                s, bb = self.rank_scale(b), B[:, :b]
                 cross = (bb * wa[:, :b]).sum(dim=1)
                 quad = ((bb @ aa[:b, :b]) * bb).sum(dim=1)
                 per_rank[b] = (w2 + 2 * s * cross + s * s * quad).clamp(min=1e-12).sqrt()
@@ -198,8 +241,7 @@ class DynamicRankLoRA(nn.Module):
         weight = base_weight(self.base)
         w = weight.float()
         if rank > 0:
-            A, B = self.factors(rank)
-            w = w + (self.alpha / rank) * (B @ A)
+            w = w + self.rank_scale(rank) * (self.lora_B[:, :rank] @ self.lora_A[:rank])
             if self.variant == "dora":
                 w = (self.magnitude / torch.linalg.vector_norm(w, dim=1))[:, None] * w
         bias = self.base.bias
@@ -212,11 +254,8 @@ class DynamicRankLoRA(nn.Module):
         return linear
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """All ranks: `lora_A` (r_max×in), `lora_B` (out×r_max) and, for DoRA, `magnitude` (out)."""
-        state = {
-            "lora_A": torch.cat([p.detach() for p in self.lora_A], dim=0),
-            "lora_B": torch.cat([p.detach() for p in self.lora_B], dim=1),
-        }
+        """All ranks: `lora_A` (r_max×in), `lora_B` (out×r_max) and, for DoRA, `magnitude` (out); copies."""
+        state = {"lora_A": self.lora_A.detach().clone(), "lora_B": self.lora_B.detach().clone()}
         if self.variant == "dora":
             state["magnitude"] = self.magnitude.detach().clone()
         return state
@@ -230,24 +269,27 @@ class DynamicRankLoRA(nn.Module):
 
     @torch.no_grad()
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy tensors shaped as `adapter_shapes` into the rank slices (keys and shapes checked by the caller)."""
-        for i, p in enumerate(self.lora_A):
-            p.copy_(state["lora_A"][i : i + 1])
-        for i, p in enumerate(self.lora_B):
-            p.copy_(state["lora_B"][:, i : i + 1])
+        """Copy tensors shaped as `adapter_shapes` into the factors (keys and shapes checked by the caller)."""
+        self.lora_A.copy_(state["lora_A"])
+        self.lora_B.copy_(state["lora_B"])
         if self.variant == "dora":
             self.magnitude.copy_(state["magnitude"])
 
     def extra_repr(self) -> str:
-        return f"r_max={self.r_max}, alpha={self.alpha}, mode={self.mode}, variant={self.variant}, rank={self._rank}"
+        return (f"r_max={self.r_max}, alpha={self.alpha}, scale={self.scale}, mode={self.mode}, "
+                f"variant={self.variant}, rank={self._rank}")
 
 
-def _per_chunk(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Multiply the i-th of k equal batch chunks of `t` (..., n) by `rows[i]`; `rows` is (k, n)."""
-    k = rows.shape[0]
+def _per_row(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Multiply the i-th of k contiguous batch chunks of `t` (N, ..., n) by `rows[i]`; `rows` is (k, n).
+
+    Chunk sizes differ by at most one (row j belongs to chunk ⌊j·k/N⌋), so any batch of at least k
+    rows splits; evaluation repeats its batch k times, which gives k exact copies.
+    """
+    k, n = rows.shape[0], t.shape[0]
     if k == 1:
         return t * rows[0]
-    if t.shape[0] % k:
-        raise QdyloraError(f"multi-rank forward: a batch of {t.shape[0]} does not split into {k} equal chunks, one per rank")
-    chunks = t.unflatten(0, (k, t.shape[0] // k))
-    return (chunks * rows.view(k, *([1] * (chunks.dim() - 2)), -1)).flatten(0, 1)
+    if n < k:
+        raise QdyloraError(f"multi-rank forward: a batch of {n} rows cannot give each of {k} ranks a chunk")
+    chunk = torch.arange(n, device=rows.device) * k // n
+    return t * rows[chunk].view(n, *([1] * (t.dim() - 2)), -1)

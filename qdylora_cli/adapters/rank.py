@@ -1,13 +1,15 @@
-"""Choosing the active rank: `set_rank` for a whole model and the per-step rank samplers.
+"""Choosing the active ranks: `set_rank` for a whole model, and the rank schedules of training.
 
-DyLoRA draws one rank per optimizer step and uses it in every layer for all micro-batches of
-that step. Each sampler owns a `torch.Generator` seeded from the run seed, so every process draws
-the same rank and a resumed run continues the exact sequence. A new schedule is one
-`RankSampler` subclass plus one line in `RANK_SAMPLERS`.
+A schedule is a distribution P(b) over the ranks. Each optimizer step draws k ranks from it
+(`ranks_per_step`); with k > 1 the draw is stratified (one rank from each k-quantile of P), so a
+step always covers low and high ranks. The sampler owns a `torch.Generator` seeded from the run
+seed, so every process draws the same ranks and a resumed run continues the exact sequence. A new
+schedule is one weight function plus one line in `RANK_WEIGHTS`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from qdylora_cli.errors import QdyloraError
 
 
 def set_rank(model: nn.Module, rank: Rank) -> None:
-    """Set the active rank of every adapter in `model` (0 = off, b, or a tuple for multi-rank evaluation).
+    """Set the active rank of every adapter in `model` (0 = off, b, or a tuple: one rank per batch chunk).
 
     Checked against every adapter before any is changed, so a bad rank leaves the model as it was.
     """
@@ -29,129 +31,96 @@ def set_rank(model: nn.Module, rank: Rank) -> None:
         adapter.rank = rank
 
 
-class RankSampler:
-    """Draws the training rank of each optimizer step; its state resumes the sequence exactly.
-
-    Subclasses implement `build` and `sample`; stateful ones also `state_dict`/`load_state_dict`.
-    """
-
-    @classmethod
-    def build(cls, *, r_max: int, min_rank: int, rank: int | None, seed: int) -> RankSampler:
-        """The sampler from the `rank_schedule` options (each kind uses the ones it needs)."""
-        raise NotImplementedError
-
-    def sample(self) -> int:
-        """The rank for the next optimizer step."""
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Stateless by default: nothing to restore."""
+def _uniform(b: int, min_rank: int, r_max: int) -> float:
+    """Uniform on min_rank..r_max, as in the official DyLoRA code (min_rank 1)."""
+    return 1.0
 
 
-class UniformRank(RankSampler):
-    """Uniform on min_rank..r_max inclusive, as in the official DyLoRA code (min_rank 1)."""
-
-    def __init__(self, min_rank: int, r_max: int, seed: int = 0) -> None:
-        if not 1 <= min_rank <= r_max:
-            raise QdyloraError(f"rank_schedule.min_rank must be in 1..r_max={r_max}, got {min_rank}")
-        self.min_rank, self.r_max = min_rank, r_max
-        self.generator = torch.Generator().manual_seed(seed)
-
-    @classmethod
-    def build(cls, *, r_max: int, min_rank: int, rank: int | None, seed: int) -> UniformRank:
-        return cls(min_rank, r_max, seed)
-
-    def sample(self) -> int:
-        return int(torch.randint(self.min_rank, self.r_max + 1, (1,), generator=self.generator))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-
-
-class FixedRank(RankSampler):
-    """Always the same rank: the plain QLoRA baseline (use it with mode `full`)."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-
-    @classmethod
-    def build(cls, *, r_max: int, min_rank: int, rank: int | None, seed: int) -> FixedRank:
-        rank = r_max if rank is None else rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
-            raise QdyloraError(f"rank_schedule.rank must be an integer in 1..r_max={r_max}, got {rank!r}")
-        return cls(rank)
-
-    def sample(self) -> int:
-        return self.rank
-
-
-class WeightedRank(RankSampler):
-    """Draws b in min_rank..r_max with probability proportional to `weight(b)`; subclasses define the weight."""
-
-    def __init__(self, min_rank: int, r_max: int, seed: int = 0) -> None:
-        if not 1 <= min_rank <= r_max:
-            raise QdyloraError(f"rank_schedule.min_rank must be in 1..r_max={r_max}, got {min_rank}")
-        self.min_rank, self.r_max = min_rank, r_max
-        weights = torch.tensor([self.weight(b, min_rank, r_max) for b in range(min_rank, r_max + 1)],
-                               dtype=torch.float64)
-        self.probs = weights / weights.sum()  # probs[i]: the probability of rank min_rank + i
-        self.generator = torch.Generator().manual_seed(seed)
-
-    @classmethod
-    def build(cls, *, r_max: int, min_rank: int, rank: int | None, seed: int) -> WeightedRank:
-        return cls(min_rank, r_max, seed)
-
-    @staticmethod
-    def weight(b: int, min_rank: int, r_max: int) -> float:
-        raise NotImplementedError
-
-    def sample(self) -> int:
-        return self.min_rank + int(torch.multinomial(self.probs, 1, generator=self.generator))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-
-
-class OctaveRank(WeightedRank):
-    """Each octave of ranks [2^k, 2^(k+1)) equally likely, uniform inside it; octaves are cut to min_rank..r_max.
+def _octave(b: int, min_rank: int, r_max: int) -> float:
+    """Each octave of ranks [2^k, 2^(k+1)) equally likely, uniform inside it; octaves cut to min_rank..r_max.
 
     With r_max 16: P(1) = P(16) = 1/5, P(2) = P(3) = 1/10, P(4..7) = 1/20, P(8..15) = 1/40. Uniform
-    sampling gives rank 1 only 1/16 of the steps, and in frozen mode slice 1 trains only then.
+    sampling gives rank 1 only 1/16 of the steps.
     """
-
-    @staticmethod
-    def weight(b: int, min_rank: int, r_max: int) -> float:
-        low = 1 << (b.bit_length() - 1)  # the octave holding b: [low, 2·low - 1]
-        return 1.0 / (min(2 * low - 1, r_max) - max(low, min_rank) + 1)
+    low = 1 << (b.bit_length() - 1)  # the octave holding b: [low, 2·low - 1]
+    return 1.0 / (min(2 * low - 1, r_max) - max(low, min_rank) + 1)
 
 
-class HarmonicRank(WeightedRank):
+def _harmonic(b: int, min_rank: int, r_max: int) -> float:
     """P(b) ∝ 1/b (about uniform in log b): rank 1 is drawn r_max times as often as r_max."""
-
-    @staticmethod
-    def weight(b: int, min_rank: int, r_max: int) -> float:
-        return 1.0 / b
+    return 1.0 / b
 
 
-RANK_SAMPLERS: dict[str, type[RankSampler]] = {
-    "uniform": UniformRank,
-    "fixed": FixedRank,
-    "octave": OctaveRank,
-    "harmonic": HarmonicRank,
+RANK_WEIGHTS: dict[str, Callable[[int, int, int], float]] = {
+    "uniform": _uniform,
+    "octave": _octave,
+    "harmonic": _harmonic,
 }
 
 
+class RankSampler:
+    """Draws the ranks of each optimizer step from P(b) ∝ weight(b) on `low`..r_max; resumable."""
+
+    def __init__(self, weights: list[float], low: int, seed: int = 0) -> None:
+        self.low, self.r_max = low, low + len(weights) - 1
+        w = torch.tensor(weights, dtype=torch.float64)
+        self.probs = w / w.sum()  # probs[i]: the probability of rank low + i
+        self.cdf = self.probs.cumsum(0)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, k: int = 1) -> list[int]:
+        """k ranks, ascending: the i-th is drawn from the i-th of k equal slices of the probability mass."""
+        u = (torch.arange(k, dtype=torch.float64) + torch.rand(k, dtype=torch.float64, generator=self.generator)) / k
+        index = torch.searchsorted(self.cdf, u, right=True).clamp(max=len(self.probs) - 1)
+        return [self.low + int(i) for i in index]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
 def build_rank_sampler(kind: str, *, r_max: int, min_rank: int = 1, rank: int | None = None, seed: int = 0) -> RankSampler:
-    """The sampler registered as `kind`; `fixed` uses `rank` (default r_max), the others `min_rank`."""
-    if kind not in RANK_SAMPLERS:
-        raise QdyloraError(f"rank_schedule.kind {kind!r} is unknown; known kinds: {', '.join(sorted(RANK_SAMPLERS))}")
-    return RANK_SAMPLERS[kind].build(r_max=r_max, min_rank=min_rank, rank=rank, seed=seed)
+    """The schedule `kind` on min_rank..r_max; `fixed` always draws `rank` (default r_max): a plain QLoRA run."""
+    if kind == "fixed":
+        rank = r_max if rank is None else rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
+            raise QdyloraError(f"rank_schedule.rank must be an integer in 1..r_max={r_max}, got {rank!r}")
+        return RankSampler([1.0], rank, seed)
+    if kind not in RANK_WEIGHTS:
+        known = ", ".join(sorted([*RANK_WEIGHTS, "fixed"]))
+        raise QdyloraError(f"rank_schedule.kind {kind!r} is unknown; known kinds: {known}")
+    if not 1 <= min_rank <= r_max:
+        raise QdyloraError(f"rank_schedule.min_rank must be in 1..r_max={r_max}, got {min_rank}")
+    weight = RANK_WEIGHTS[kind]
+    return RankSampler([weight(b, min_rank, r_max) for b in range(min_rank, r_max + 1)], min_rank, seed)
+
+
+def assign_ranks(ranks: list[int], processes: int, micro_batches: int, batch_size: int) -> list[list[Rank]]:
+    """Share a step's k ranks among its processes × micro-batches × chunks of each micro-batch.
+
+    Returns, per process, the rank of each micro-batch: an int, or a tuple (one rank per equal
+    chunk of its rows) when a micro-batch holds several ranks. Each rank gets the same share of the
+    step's examples; every process computes the same split and keeps its own part.
+    """
+    k = len(ranks)
+    chunks = next((c for c in range(1, batch_size + 1)
+                   if batch_size % c == 0 and processes * micro_batches * c % k == 0), None)
+    if chunks is None:
+        raise QdyloraError(
+            f"rank_schedule.ranks_per_step={k} cannot share a step of {processes} process(es) × "
+            f"{micro_batches} micro-batch(es) × {batch_size} example(s) equally; choose a divisor of "
+            f"{processes * micro_batches * batch_size} (e.g. train.grad_accum or train.batch_size a multiple of it)"
+        )
+    slots = processes * micro_batches * chunks
+    rank_of = [ranks[s * k // slots] for s in range(slots)]  # slot order: process, micro-batch, chunk
+    per_process = []
+    for p in range(processes):
+        micro = []
+        for m in range(micro_batches):
+            first = (p * micro_batches + m) * chunks
+            group = tuple(rank_of[first : first + chunks])
+            micro.append(group[0] if chunks == 1 else group)
+        per_process.append(micro)
+    return per_process

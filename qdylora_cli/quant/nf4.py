@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qdylora_cli.choices import NF4_BLOCKSIZES
 from qdylora_cli.errors import QdyloraError
 
 NF4_CODE = torch.tensor(
@@ -51,7 +52,6 @@ NF4_CODE = torch.tensor(
     ],
     dtype=torch.float32,
 )
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the ones bitsandbytes accepts
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -111,8 +111,8 @@ class NF4State:
 
 def check_quantizable(shape: tuple[int, ...] | torch.Size, blocksize: int) -> None:
     """Raise a one-line QdyloraError unless a weight of this shape can be quantized in blocks of `blocksize`."""
-    if blocksize not in BLOCKSIZES:
-        raise QdyloraError(f"NF4 blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize}")
+    if blocksize not in NF4_BLOCKSIZES:
+        raise QdyloraError(f"NF4 blocksize must be one of {', '.join(map(str, NF4_BLOCKSIZES))}, got {blocksize}")
     numel = 1
     for size in shape:
         numel *= size

@@ -1,0 +1,15 @@
+"""Every fixed set of choices and limits, in one torch-free place: the config validation and the code
+that acts on a value both read them here, so the two cannot drift apart."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+QUANT_TYPES = ("nf4", "none")
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the ones bitsandbytes accepts
+ADAPTER_MODES = ("frozen", "full")
+ADAPTER_VARIANTS = ("lora", "dora")
+ADAPTER_SCALES = ("alpha_over_rank", "rank_stabilized", "constant")
+RANK_SCHEDULES = ("uniform", "fixed", "octave", "harmonic")
+OPTIMIZERS = ("adamw",)
+# Names of bitsandbytes optimizers earlier versions took: runs that used them still resume, with adamw.
+RETIRED_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
+SCHEDULERS = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("bf16", "fp16", "no")
