@@ -316,10 +316,10 @@ def run(cfg: Any) -> Path:
                    for i in range(0, len(val_set), t.batch_size)][: t.eval_batches]
     eval_ranks = sorted(set(t.eval_ranks or [1, max(1, cfg.adapter.r_max // 4), cfg.adapter.r_max]))
 
-    step, bad_steps, skipped_total = 0, 0, 0
+    step, bad_steps, skipped_total, seen_tokens = 0, 0, 0, 0
     if resume_from is not None:
-        step, bad_steps, skipped_total = _load_checkpoint(resume_from, accelerator, model, optimizer, scheduler,
-                                                          sampler, batches)
+        step, bad_steps, skipped_total, seen_tokens = _load_checkpoint(resume_from, accelerator, model, optimizer,
+                                                                       scheduler, sampler, batches)
         log.info("resuming from %s (step %d)", resume_from, step)
     if main:
         save_config(cfg, run_dir / "config.yaml")
@@ -331,7 +331,8 @@ def run(cfg: Any) -> Path:
         adapters = gathered_adapter_state(accelerator.unwrap_model(model))  # every process: collective under FSDP
         optimizer_state_dict = optimizer_state(accelerator.unwrap_model(model), optimizer)
         check_replicas(accelerator, adapters, drawn, at)
-        state = {"step": at, "bad_steps": bad_steps, "skipped_total": skipped_total, "data": batches.state_dict(),
+        state = {"step": at, "bad_steps": bad_steps, "skipped_total": skipped_total, "tokens": seen_tokens,
+                 "data": batches.state_dict(),
                  "sampler": sampler.state_dict(), "rng": rng_state(), "scheduler": scheduler.state_dict(),
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
 
@@ -394,8 +395,10 @@ def run(cfg: Any) -> Path:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
+            seen_tokens += tokens * accelerator.num_processes
 
             record = {"step": step, "loss": loss_value, "ranks": ranks, "lr": scheduler.get_last_lr()[0],
+                      "tokens": seen_tokens,
                       "tokens_per_s": round(tokens * accelerator.num_processes / (time.perf_counter() - step_start), 1),
                       "elapsed": round(time.perf_counter() - start, 3)}
             if skipped:  # non-finite loss or gradient: no update (counted; see train.max_bad_steps)
@@ -440,7 +443,7 @@ def _broadcast_path(accelerator: Accelerator, path: Path | None) -> Path | None:
 
 
 def _load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, sampler,
-                     batches) -> tuple[int, int, int]:
+                     batches) -> tuple[int, int, int, int]:
     """Everything but the adapter weights, which `run` loads before the model is prepared."""
     optimizer_state_dict = torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True)
     load_optimizer_state(accelerator.unwrap_model(model), optimizer, optimizer_state_dict)
@@ -451,7 +454,7 @@ def _load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, sch
     if state["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return state["step"], state["bad_steps"], state.get("skipped_total", 0)
+    return state["step"], state["bad_steps"], state.get("skipped_total", 0), state.get("tokens", 0)
 
 
 def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """The adapter path alone at Llama-7B's layout: qdylora's packed factors + rank-aware AdamW against PEFT's LoRA.
 
     python scripts/bench_adapters.py                  # 224 layers (32 x q,k,v,o,gate,up,down), r_max 64, 1 thread
-    python scripts/bench_adapters.py --tiny           # 4 layers of width 64: a smoke test
+    python scripts/bench_adapters.py --tiny           # 3 small layers: a smoke test
 
 Every adapted linear layer of Llama-2-7B (widths 4096 and 11008) gets an adapter whose base layer
 costs nothing (it returns zeros), so what is timed is what the adapters add to a training step:
@@ -31,6 +31,7 @@ from qdylora_cli.adapters import (  # noqa: E402
     adapter_parameters,
     trained_slices,
 )
+from qdylora_cli.quant import import_bitsandbytes  # noqa: E402
 
 ALPHA, LR, MAX_GRAD_NORM = 16.0, 2e-4, 0.3
 LLAMA_7B_LAYER = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]  # q, k, v, o, gate, up, down
@@ -59,9 +60,11 @@ def qdylora_layers(args: argparse.Namespace, mode: str) -> nn.ModuleList:
 
 
 def peft_layers(args: argparse.Namespace) -> nn.ModuleList:
+    from peft import LoraConfig
     from peft.tuners.lora import Linear as LoraLinear
 
-    return nn.ModuleList(LoraLinear(FreeLinear(i, o), "default", r=args.r_max, lora_alpha=ALPHA)
+    config = LoraConfig(r=args.r_max, lora_alpha=ALPHA, lora_dropout=0.0)
+    return nn.ModuleList(LoraLinear(FreeLinear(i, o), "default", config=config, r=args.r_max, lora_alpha=ALPHA)
                          for i, o in shapes(args))
 
 
@@ -112,7 +115,7 @@ def measure_peft(args: argparse.Namespace) -> tuple[float, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="4 small layers (CI smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="3 small layers (CI smoke test)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; tiny 1)")
     parser.add_argument("--r-max", type=int, default=None, help="qdylora r_max = PEFT r (default 64; tiny 8)")
     parser.add_argument("--ranks", default=None, help="ranks a qdylora step trains (default 8,32,64; tiny 2,8)")
@@ -130,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    import_bitsandbytes()  # peft imports it; this keeps its CPU warning quiet
     import peft
 
     n = len(shapes(args))

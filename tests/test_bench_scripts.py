@@ -40,3 +40,13 @@ def test_bench_eval_sweep_gives_the_same_losses_as_separate_evaluations():
     assert set(rows) == {"separate", "sweep"}
     diff = float(re.search(r"largest loss difference ([\d.e+-]+)$", out, re.M).group(1))
     assert diff < 1e-5
+
+
+def test_bench_adapters_times_qdylora_against_peft_at_each_rank_and_mode():
+    pytest.importorskip("peft")
+    out = run_script("bench_adapters.py")
+    rows = re.findall(r"^\| (peft r=8|qdylora full|qdylora frozen) \| (\d+) \| [\d,]+ \| [\d,]+ \| [\d,]+ \| ([\d.]+)x \|$",
+                      out, re.M)
+    assert [(system, rank) for system, rank, _ in rows] == [
+        ("peft r=8", "8"), ("qdylora full", "2"), ("qdylora full", "8"), ("qdylora frozen", "2"), ("qdylora frozen", "8")]
+    assert rows[0][2] == "1.00"

@@ -47,10 +47,18 @@ def test_quick_comparison_writes_a_table_for_every_arm_and_rank(tmp_path, storie
     text = md.read_text()
     assert png.stat().st_size > 10_000
 
+    header, rows = table_rows(text, "setting")
+    assert header == ["setting"] + [f"rank {b}" for b in cr.EVAL_RANKS] + ["worst"]
+    assert [r[0] for r in rows] == [a.label for a in cr.DYNAMIC]
+    for row in rows:  # a gap per rank and the worst of them
+        gaps = numbers(" ".join(row[1:-1]))
+        assert len(gaps) == len(cr.EVAL_RANKS) and all(math.isfinite(g) for g in gaps)
+        assert numbers(row[-1])[0] == max(gaps)
+
     header, rows = table_rows(text, "rank b")
-    assert header == ["rank b", "QLoRA trained at rank b"] + [a.label for a in cr.DYNAMIC]
-    assert [r[0] for r in rows] == [str(b) for b in cr.EVAL_RANKS] + ["largest gap"]
-    for row in rows[:-1]:
+    assert header[:2] == ["rank b", "QLoRA trained at rank b"] and "**default**" in header[2]
+    assert [r[0] for r in rows] == [str(b) for b in cr.EVAL_RANKS]
+    for row in rows:
         assert len(row) == len(header)
         for i, c in enumerate(row[1:]):  # "loss ± spread", and "(gap%)" for the dynamic arms
             values = numbers(c)
@@ -60,7 +68,7 @@ def test_quick_comparison_writes_a_table_for_every_arm_and_rank(tmp_path, storie
 
     header, rows = table_rows(text, "approach")
     assert [r[1] for r in rows] == [str(len(cr.FIXED))] + ["1"] * len(cr.DYNAMIC)
-    assert all(int(r[2].replace(",", "")) > 0 and int(r[3].replace(",", "")) > 0 for r in rows)
+    assert all(int(r[k].replace(",", "")) > 0 for r in rows for k in (2, 3, 4))
 
     _, rows = table_rows(text, "rank")
     assert [r[0] for r in rows] == ["0 (base model)"] + [str(b) for b in cr.EVAL_RANKS]
