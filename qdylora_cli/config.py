@@ -133,6 +133,7 @@ class LoopConfig:
     max_bad_steps: int = 10
     mixed_precision: str = "bf16"
     resume: bool = False
+    cpu_threads: str = "auto"  # without a GPU: auto (by model size) or a count
 
 
 @dataclass
@@ -376,6 +377,7 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         if not 0 <= r <= a.r_max:
             _fail("train.eval_ranks", t.eval_ranks, f"ranks in 0..adapter.r_max ({a.r_max}); 0 is the base model")
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    parse_threads("train.cpu_threads", t.cpu_threads)
     _at_least("launcher.num_processes", cfg.launcher.num_processes, 1)
     if not cfg.run_dir:
         _fail("run_dir", cfg.run_dir, "a directory")
@@ -410,6 +412,16 @@ def validate_export(cfg: ExportConfig, r_max: int) -> ExportConfig:
     if cfg.dtype is not None:
         _choice("dtype", cfg.dtype, DTYPES)
     return cfg
+
+
+def parse_threads(key: str, value: str | int) -> int | None:
+    """A CPU thread setting: `auto` -> None, a positive count -> itself; else a one-line error naming `key`."""
+    text = str(value).strip()
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        _fail(key, value, "auto or a number of threads >= 1")
+    return int(text)
 
 
 # --- rank specs ----------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from qdylora_cli.model import (
     enable_gradient_checkpointing,
     load_tokenizer,
 )
+from qdylora_cli.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +299,10 @@ def run(cfg: Any) -> Path:
         make_nf4_shardable(model)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if accelerator.device.type == "cpu":
+        mean_length = sum(len(e["input_ids"]) for e in train_set) / len(train_set)
+        set_cpu_threads("train.cpu_threads", t.cpu_threads, hidden_size=model.config.hidden_size,
+                        tokens=round(mean_length * t.batch_size))
     trainable, total = count_parameters(model)
     log.info("%s: %d adapted layers; trainable %s of %s parameters (%.3f%%)", meta["base_model"],
              len(meta["target_modules"]), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
