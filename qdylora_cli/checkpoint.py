@@ -15,12 +15,12 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from qdylora_cli.errors import QdyloraError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -142,19 +142,27 @@ def verify_dir(path: Path) -> str | None:
 
 def save_adapter(target: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any], *, overwrite: bool = True) -> None:
     """Write `adapter.safetensors` (all ranks) and `adapter_config.json` (how to rebuild the model)."""
+    from safetensors.torch import save_file
+
     with atomic_dir(target, overwrite=overwrite) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / ADAPTER_WEIGHTS))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
 def load_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and metadata of an adapter directory; a damaged or unreadable one is a one-line error."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not (path / ADAPTER_WEIGHTS).is_file() or not (path / ADAPTER_CONFIG).is_file():
         raise QdyloraError(f"{path} holds no adapter (expected {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG})")
     problem = verify_dir(path)
     if problem is not None and problem != "no manifest":
         raise QdyloraError(f"adapter in {path} is damaged: {problem}")
-    return load_file(str(path / ADAPTER_WEIGHTS)), json.loads((path / ADAPTER_CONFIG).read_text())
+    try:
+        return load_file(str(path / ADAPTER_WEIGHTS)), json.loads((path / ADAPTER_CONFIG).read_text())
+    except Exception as e:  # safetensors and json raise several types; all mean an unreadable file
+        raise QdyloraError(f"adapter in {path} is unreadable ({str(e).splitlines()[0]})") from None
 
 
 # --- training checkpoints ------------------------------------------------------------------------

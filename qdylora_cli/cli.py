@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import re
 import subprocess
@@ -18,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from qdylora_cli import __version__
 from qdylora_cli.config import (
@@ -26,15 +25,19 @@ from qdylora_cli.config import (
     EvalConfig,
     ExportConfig,
     TrainConfig,
+    absolute_paths,
+    flat_config,
     load_eval_source,
     load_run_config,
     to_typed,
+    unflatten,
     unknown_key_message,
     validate_eval,
     validate_export,
     validate_train,
 )
-from qdylora_cli.errors import QdyloraError
+from qdylora_cli.errors import Interrupted, QdyloraError, is_out_of_memory
+from qdylora_cli.logs import quiet_libraries, setup_logging
 
 COMMANDS = {
     "train": "fine-tune a model: one run trains every adapter rank 1..r_max",
@@ -103,8 +106,9 @@ def _check_overrides(overrides: list[str]) -> None:
             raise QdyloraError(f"malformed override {override!r}: {reason}; expected KEY=VALUE (lists as [a,b])") from None
 
 
-def _compose_raw(command: str, overrides: list[str], config_dir: str | Path | None) -> Any:
-    """The composed (untyped) DictConfig; Hydra's errors become one line each."""
+def _compose_raw(command: str, overrides: list[str], config_dir: str | Path | None) -> tuple[Any, dict[str, str]]:
+    """The composed (untyped) DictConfig and the option chosen in each config group; Hydra's errors
+    become one line each."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
@@ -115,7 +119,11 @@ def _compose_raw(command: str, overrides: list[str], config_dir: str | Path | No
     searchpath = "hydra.searchpath=[" + ",".join(_quote(f"file://{p}") for p in search) + "]"
     try:
         with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3", job_name="qdylora"):
-            return compose(config_name=command, overrides=[searchpath, *overrides])
+            node = compose(config_name=command, overrides=[searchpath, *overrides], return_hydra_config=True)
+            choices = dict(node.hydra.runtime.choices)
+            with open_dict(node):
+                del node["hydra"]
+            return node, choices
     except MissingConfigException as e:
         raise QdyloraError(_missing_option_message(e)) from None
     except ConfigCompositionException as e:
@@ -176,16 +184,36 @@ def compose_config(
     recipe, overrides = _recipe(overrides, config_dir)
     if command == "train":
         extra = [f"+recipes={recipe}"] if recipe else []
-        node = _compose_raw("train", extra + overrides, config_dir)
-        return validate_train(to_typed("train", node))
+        node, choices = _compose_raw("train", extra + overrides, config_dir)
+        cfg = to_typed("train", node)
+        if choices.get("data") == "tiny_instructions" and not cfg.data.path.startswith("builtin:"):
+            raise QdyloraError(f"data.path={cfg.data.path}: say what the file holds with data=json (instruction "
+                               "records), data=text (plain text) or data=alpaca (a Hugging Face dataset); without it "
+                               "the built-in toy data's settings would apply")
+        cfg = validate_train(cfg)
+        if cfg.train.resume and (Path(cfg.run_dir) / "config.yaml").is_file():
+            cfg = _resumed(cfg, extra, config_dir)
+        return cfg
     if recipe:
-        run_dir = to_typed("train", _compose_raw("train", [f"+recipes={recipe}"], config_dir)).run_dir
+        run_dir = to_typed("train", _compose_raw("train", [f"+recipes={recipe}"], config_dir)[0]).run_dir
         overrides = [f"run_dir={_quote(run_dir)}", *overrides]
-    cfg = to_typed(command, _compose_raw(command, overrides, config_dir))
+    cfg = to_typed(command, _compose_raw(command, overrides, config_dir)[0])
     if command == "export":
         return validate_export(cfg, load_run_config(cfg.run_dir).adapter.r_max)
     run_cfg, merged_rank = load_eval_source(cfg.run_dir)
     return validate_eval(cfg, run_cfg.adapter.r_max, merged_rank)
+
+
+def _resumed(cfg: TrainConfig, recipe: list[str], config_dir: str | Path | None) -> TrainConfig:
+    """train.resume=true: the run's saved config, with what this command line sets on top of it.
+
+    A key counts as set on the command line when it differs from the same composition without the
+    overrides; which of those may change is checked, key by key, before training (rundir.check_same_run).
+    """
+    saved = flat_config(load_run_config(cfg.run_dir))
+    plain = flat_config(absolute_paths(to_typed("train", _compose_raw("train", recipe, config_dir)[0])))
+    given = {k: v for k, v in flat_config(absolute_paths(cfg)).items() if plain.get(k) != v}
+    return validate_train(to_typed("train", unflatten({**saved, **given, "run_dir": cfg.run_dir})))
 
 
 # --- help --------------------------------------------------------------------------------------------
@@ -298,21 +326,28 @@ def run(argv: list[str]) -> int:
         return 0
     if command == "train" and (code := _launch_processes(cfg, argv)) is not None:
         return code
+    quiet_libraries()
     importlib.import_module(MODULES[command]).run(cfg)
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors print one line and exit 2."""
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_time=False, show_path=False)])
+    """Console entry point: user errors print one line and exit 2 (1 when the machine ran out of memory)."""
+    setup_logging()
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except QdyloraError as e:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
-        code = 2
+        code = e.exit_code
+    except Interrupted as e:  # a signal, after the checkpoint was saved
+        print(e, file=sys.stderr)
+        code = e.exit_code
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory in `qdylora {' '.join((argv or sys.argv[1:])[:1])}` ({str(e).splitlines()[0][:120]}); "
+              "use smaller batches or a shorter sequence length", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint itself): nothing to keep
         print("interrupted", file=sys.stderr)
         code = 130

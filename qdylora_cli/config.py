@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn, get_args, get_type_hints
 
@@ -35,6 +35,7 @@ from qdylora_cli.choices import (
     RANK_SCHEDULES,
     RETIRED_OPTIMIZERS,
     SCHEDULERS,
+    TRACKERS,
 )
 from qdylora_cli.errors import QdyloraError
 
@@ -54,7 +55,7 @@ class ModelConfig:
     name_or_path: str | None = None  # hub id or local directory; null when `config` builds the model
     config: dict[str, Any] | None = None  # a Hugging Face config (with model_type): fresh weights from init_seed
     tokenizer: str | None = None  # path, hub id or `byte`; null: the model's own
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bfloat16 (float16 without bf16) on a GPU, float32 on a CPU
     trust_remote_code: bool = False
     init_seed: int = 0
 
@@ -128,12 +129,13 @@ class LoopConfig:
     eval_ranks: list[int] | None = None  # null: [1, r_max/4, r_max]
     eval_batches: int = 20
     log_every: int = 10
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = None  # null: on with a GPU, off on a CPU
     max_grad_norm: float = 0.3
     max_bad_steps: int = 10
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"  # auto: from model.dtype
     resume: bool = False
     cpu_threads: str = "auto"  # without a GPU: auto (by model size) or a count
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, mlflow
 
 
 @dataclass
@@ -299,7 +301,7 @@ def validate_model(m: ModelConfig, check_paths: bool) -> None:
                   "null when model.config builds the model (use model=hf to load a pretrained one)")
         if "model_type" not in m.config:
             _fail("model.config", "{...}", "a Hugging Face config with a model_type key (e.g. llama)")
-    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.dtype", m.dtype, ("auto", *DTYPES))
     if check_paths:
         _existing("model.name_or_path", m.name_or_path, local_only=False)
         if m.tokenizer != "byte":
@@ -376,7 +378,9 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     for r in t.eval_ranks or []:
         if not 0 <= r <= a.r_max:
             _fail("train.eval_ranks", t.eval_ranks, f"ranks in 0..adapter.r_max ({a.r_max}); 0 is the base model")
-    _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    _choice("train.mixed_precision", t.mixed_precision, ("auto", *MIXED_PRECISION))
+    for tracker in t.report_to:
+        _choice("train.report_to", tracker, TRACKERS)
     parse_threads("train.cpu_threads", t.cpu_threads)
     _at_least("launcher.num_processes", cfg.launcher.num_processes, 1)
     if not cfg.run_dir:
@@ -476,10 +480,51 @@ def _rank_item(x: Any, spec: Any, usage: str) -> int:
 # --- run directories ---------------------------------------------------------------------------------
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its local paths made absolute, so a run's config.yaml works from any directory."""
+
+    def fixed(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path and looks_local(path) else path
+
+    m, d = cfg.model, cfg.data
+    return replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().resolve()),
+                   model=replace(m, name_or_path=fixed(m.name_or_path),
+                                 tokenizer=m.tokenizer if m.tokenizer == "byte" else fixed(m.tokenizer)),
+                   data=replace(d, path=d.path if d.path.startswith("builtin:") else fixed(d.path),
+                                val_path=fixed(d.val_path)))
+
+
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """{"adapter.r_max": 64, ...}: every key of a config as a dotted name (model.config stays one value)."""
+
+    def walk(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and key != "config":
+                out |= walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    return walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+
+
+def unflatten(flat: dict[str, Any]) -> DictConfig:
+    """The inverse of `flat_config`, as a DictConfig for `to_typed`."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return OmegaConf.create(tree)
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
+    """Write the resolved config as YAML with absolute paths, atomically (a crash never leaves half a file)."""
     path = Path(path)
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+    text = OmegaConf.to_yaml(OmegaConf.structured(absolute_paths(cfg)), resolve=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -191,6 +191,13 @@ def _is_corpus(cfg: DataConfig) -> bool:
     return cfg.format == "text" or (cfg.format == "hf" and cfg.text_field is not None)
 
 
+def max_sequence_length(cfg: DataConfig) -> tuple[int, str]:
+    """The longest sequence these settings can make, and the keys that set it."""
+    if _is_corpus(cfg):
+        return cfg.block_size, "data.block_size"
+    return cfg.source_max_len + cfg.target_max_len, "data.source_max_len + data.target_max_len"
+
+
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A deterministic held-out set of round(n * fraction) items (at least one when fraction > 0)."""
     if fraction <= 0 or n < 2:
@@ -277,3 +284,40 @@ def batch_order(
         group = sorted(perm[start : start + window], key=lambda i: -lengths[i])
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+
+
+class BatchStream:
+    """An endless, resumable stream of training batches: epoch `e` uses the order drawn from (seed, e).
+
+    With several processes, process p takes batches p, p + W, p + 2W, ... of each epoch. The
+    position (`state_dict`: epoch and index) is an exact resume point.
+    """
+
+    def __init__(self, examples: list[dict], batch_size: int, seed: int, group_by_length: bool,
+                 pad_id: int, process: int = 0, world: int = 1):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.group_by_length, self.pad_id, self.process, self.world = group_by_length, pad_id, process, world
+        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.epoch, self.index = 0, 0
+        self._order = self._draw()
+        if len(self._order) < world:
+            raise QdyloraError(f"the training set has {len(examples)} examples: too few for {world} processes")
+
+    def _draw(self) -> list[list[int]]:
+        return batch_order(len(self.examples), self.batch_size, self.seed, self.epoch, self.group_by_length, self.lengths)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        usable = len(self._order) - len(self._order) % self.world
+        if self.index >= usable:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._draw()
+        ids = self._order[self.index + self.process]
+        self.index += self.world
+        return collate([self.examples[i] for i in ids], self.pad_id)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._draw()

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
-from transformers import AutoModelForCausalLM
 
 from qdylora_cli.adapters import set_rank
 from qdylora_cli.checkpoint import atomic_dir, check_writable
@@ -40,8 +39,9 @@ from qdylora_cli.data import (
     tokenize_pairs,
 )
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.loading import dtype_kwarg
+from qdylora_cli.loading import load_quantized
 from qdylora_cli.model import load_run_model, load_tokenizer, torch_dtype
+from qdylora_cli.rundir import note_if_training
 
 TASK_METRIC = {"gsm8k": "exact_match", "mcq": "accuracy"}  # higher is better; task none ranks by loss
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -340,8 +340,8 @@ def _load(run_dir: Path, merged_rank: int | None, device: torch.device) -> tuple
     if merged_rank is None:
         model, tokenizer, _ = load_run_model(run_dir, device=device)
         return model, tokenizer
-    dtype = torch_dtype(load_export_info(run_dir)["dtype"])
-    model = AutoModelForCausalLM.from_pretrained(run_dir, **dtype_kwarg(dtype)).to(device).eval()
+    dtype = torch_dtype(load_export_info(run_dir)["dtype"])  # the plain float model, read like any other
+    model = load_quantized(str(run_dir), dtype=dtype, quant="none", device=device).eval()
     return model, load_tokenizer(str(run_dir))
 
 
@@ -370,6 +370,7 @@ def run(cfg: EvalConfig) -> list[dict]:
     if out.exists() and not cfg.overwrite:  # before any work, not after it
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it (or out_dir=... for another)")
     check_writable(out, "out_dir")
+    note_if_training(run_dir)
     run_cfg, merged_rank = load_eval_source(run_dir)
     examples = None
     if cfg.task != "none":  # read and checked before the model loads: a bad record costs nothing

@@ -23,6 +23,7 @@ from qdylora_cli.checkpoint import atomic_dir, check_writable, load_adapter
 from qdylora_cli.config import EXPORT_INFO, ExportConfig, load_run_config
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.model import BASE_MODEL_DIR, load_run_model, torch_dtype
+from qdylora_cli.rundir import note_if_training
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def run(cfg: ExportConfig) -> Path:
     if out.exists() and not cfg.overwrite:
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it")
     check_writable(out, "out_dir")
+    note_if_training(Path(cfg.run_dir))
     if cfg.format == "peft":
         _export_peft(cfg, out)
         hint = f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})"

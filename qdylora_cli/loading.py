@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import safetensors
 import torch
 import transformers
 from safetensors import safe_open
@@ -86,9 +87,14 @@ def read_shards(files: Sequence[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every file, one at a time, each file closed before the next opens."""
     for file in files:
         # safe_open maps the file; closing it unmaps the pages read so far.
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    yield key, tensor
+        except (OSError, safetensors.SafetensorError) as e:  # a truncated or damaged download
+            raise QdyloraError(f"{file}: unreadable weights ({str(e).splitlines()[0]}); download or save the model "
+                               "again") from None
 
 
 def prequantized_nf4(config: PretrainedConfig) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import logging as hf_logging
 
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict
 from qdylora_cli.checkpoint import ADAPTER_CONFIG, atomic_dir, load_adapter
@@ -42,8 +42,9 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise QdyloraError(f"cannot load a tokenizer from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # missing, damaged (the tokenizers library raises plain Exception) or offline
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise QdyloraError(f"cannot load a tokenizer from {name_or_path!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise QdyloraError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token")
@@ -86,6 +87,21 @@ def load_base_model(
     )
 
 
+def context_length(m: Any) -> int | None:
+    """The most positions the model takes (`max_position_embeddings`), from its config alone.
+
+    None when it states no such limit, or its config cannot be read yet (a hub model not downloaded:
+    loading it reports that properly).
+    """
+    if m.config is not None:
+        return m.config.get("max_position_embeddings")
+    try:
+        config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the real load
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Recompute decoder activations in backward; non-reentrant so frozen inputs need no grad."""
     kwargs = {"use_reentrant": False}
@@ -98,28 +114,26 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 def build_training_model(
     cfg: Any,
-    run_dir: Path,
     *,
+    tokenizer: PreTrainedTokenizerBase,
     device: torch.device | None = None,
     quantize_device: torch.device | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    save_base: bool = True,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Tokenizer, quantized model with fresh adapters, and the metadata that rebuilds it later.
+    keep_base: bool = True,
+) -> tuple[PreTrainedModel, dict[str, Any], PreTrainedModel | None]:
+    """The quantized model with fresh adapters, the metadata that rebuilds it later, and what to save.
 
-    Models built from a config are saved to `run_dir/base_model` (with `save_base`), so eval and
-    export can rebuild the run without the recipe. That happens last, once the adapters are in:
-    a bad setting fails before anything is written, and a base_model/ left by another config is replaced.
+    Writes nothing. A model built from a config comes back with its unquantized twin (with
+    `keep_base`): `save_base_model` stores it in the run, so eval and export rebuild the run without
+    the recipe. Other models are their own reference (a path or hub id): nothing to save.
     """
     m, a, q = cfg.model, cfg.adapter, cfg.quant
     dtype = torch_dtype(m.dtype)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
     quant = {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize}
     model = load_base_model(
         m.name_or_path, dtype=dtype, quant=quant, target_modules=tuple(a.target_modules), config=m.config,
         init_seed=m.init_seed, trust_remote_code=m.trust_remote_code, device=device, quantize_device=quantize_device,
     )
+    base = copy.deepcopy(model) if m.config is not None and keep_base else None
     if m.config is not None:
         base_ref = BASE_MODEL_DIR
     else:
@@ -139,19 +153,6 @@ def build_training_model(
         blocksize=q.blocksize,
         compute_dtype=dtype,
     )
-    if m.config is not None and save_base:
-        # The same fresh weights again (init_seed, forked RNG: the global RNG is untouched), before quantization.
-        base = load_base_model(None, dtype=dtype, quant=quant, target_modules=(), config=m.config, init_seed=m.init_seed)
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a small model in one shard: no "Writing model shards" bar on stderr
-        try:
-            with atomic_dir(Path(run_dir) / BASE_MODEL_DIR, overwrite=True) as tmp:
-                base.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        del base
     meta = {
         "base_model": base_ref,
         "tokenizer": base_ref if m.config is not None else (m.tokenizer or base_ref),
@@ -166,7 +167,14 @@ def build_training_model(
         "scale": a.scale,
         "quant": quant,
     }
-    return model, tokenizer, meta
+    return model, meta, base
+
+
+def save_base_model(run_dir: Path, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The unquantized weights and tokenizer of a config-built model, as `run_dir/base_model` (atomic)."""
+    with atomic_dir(Path(run_dir) / BASE_MODEL_DIR, overwrite=True) as tmp:
+        base.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def _resolve(ref: str, run_dir: Path) -> str:

@@ -206,6 +206,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _error_line(stderr: str) -> str:
+    """The one `error:` line of a failed command: the last line on stderr (logs may come before it), no traceback."""
+    lines = stderr.strip().splitlines()
+    assert sum(line.startswith("error: ") for line in lines) == 1 and lines[-1].startswith("error: "), stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[-1]
+
+
 def _ok(run: dict, key: str = "rc") -> None:
     out = run["out" if key == "rc" else "out2"]
     assert run[key] == 0, out[-3000:]
@@ -304,7 +312,7 @@ def _poison(monkeypatch, loss_steps: set[int] | range, grad_steps: set[int]) -> 
     real = train.build_training_model
 
     def build(*args, **kwargs):
-        model, tokenizer, meta = real(*args, **kwargs)
+        model, meta, base = real(*args, **kwargs)
         calls = [0]
 
         def hook(module, inputs, output):
@@ -318,7 +326,7 @@ def _poison(monkeypatch, loss_steps: set[int] | range, grad_steps: set[int]) -> 
             return output
 
         model.register_forward_hook(hook)
-        return model, tokenizer, meta
+        return model, meta, base
 
     monkeypatch.setattr(train, "build_training_model", build)
 
@@ -331,8 +339,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
         cli.main(["train", "+recipe=tiny", f"run_dir={run_dir}", "train.max_steps=30", "train.save_every=5",
                   "train.eval_every=0", "train.log_every=1", "train.max_bad_steps=3"])
     assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
+    err = _error_line(capsys.readouterr().err)
     assert err.startswith("error: 3 non-finite steps in a row (train.max_bad_steps=3) at step 10")
     assert f"Last good checkpoint: {run_dir / 'checkpoints' / 'step-5'}" in err
 
@@ -410,7 +417,28 @@ def workspace(tmp_path_factory) -> Path:
     save_config(compose_config("train", ["+recipe=tiny", f"run_dir={ws / 'unfinished'}"]), ws / "unfinished" / "config.yaml")
     (ws / "broken-run" / "checkpoints").mkdir(parents=True)
     (ws / "broken-run" / "config.yaml").write_text("model: [unclosed\n")
+    truncated = ws / "truncated-model"  # a download cut short
+    shutil.copytree(no_weights, truncated)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(no_weights)).save_pretrained(truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    shutil.copytree(no_weights, ws / "bad-tokenizer")
+    (ws / "bad-tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nonsense"}}')
+    (ws / "bad-tokenizer" / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
     return ws
+
+
+@pytest.fixture(scope="module")
+def damaged_adapter(straight, tmp_path_factory) -> Path:
+    """A copy of a finished run whose adapter file is half written and has no manifest to give it away."""
+    run_dir = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(straight, run_dir)
+    weights = run_dir / "adapter" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (run_dir / "adapter" / "manifest.json").unlink()
+    return run_dir
 
 
 # (case id, arguments: {ws}/{run} are filled in, what the one error line must name)
@@ -469,18 +497,33 @@ BAD_INPUTS = [
     ("export-unfinished-run", ["export", "run_dir={ws}/unfinished", "rank=2"], "{ws}/unfinished"),
     ("eval-out-dir-not-writable", ["eval", "run_dir={run}", "max_batches=1", "out_dir={ws}/a-file/eval"], "a-file"),
     ("export-out-dir-not-writable", ["export", "run_dir={run}", "rank=2", "out_dir={ws}/a-file/x"], "a-file"),
+    ("sequence-longer-than-the-context", ["train", "data.source_max_len=500"],
+     "data.source_max_len + data.target_max_len = 548 is longer than the model's context (512 positions"),
+    ("text-blocks-longer-than-the-context",
+     ["train", "model=hf", "model.name_or_path={ws}/truncated-model", "data=text", "data.path={ws}/blank.txt",
+      "data.block_size=100000"], "data.block_size = 100000 is longer than the model's context (2048 positions"),
+    ("truncated-weights", ["train", "model=hf", "model.name_or_path={ws}/truncated-model"],
+     "{ws}/truncated-model/model.safetensors: unreadable weights"),
+    ("damaged-tokenizer", ["train", "model.tokenizer={ws}/bad-tokenizer"], "cannot load a tokenizer from '{ws}/bad-tokenizer'"),
+    ("eval-damaged-adapter", ["eval", "run_dir={damaged}", "out_dir={ws}/e"], "adapter in {damaged}/adapter is unreadable"),
+    ("export-damaged-adapter", ["export", "run_dir={damaged}", "rank=2", "out_dir={ws}/x"],
+     "adapter in {damaged}/adapter is unreadable"),
+    ("merged-export-damaged-adapter", ["export", "run_dir={damaged}", "rank=2", "format=merged", "out_dir={ws}/x"],
+     "adapter in {damaged}/adapter is unreadable"),
+    ("tracker-not-installed", ["train", "train.report_to=[mlflow]"], "mlflow is not installed"),
 ]
 
 
 @pytest.mark.parametrize(("args", "culprit"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_one_line_naming_the_culprit_and_changes_nothing(args, culprit, workspace, straight, capsys):
+def test_bad_input_is_one_line_naming_the_culprit_and_changes_nothing(args, culprit, workspace, straight,
+                                                                        damaged_adapter, capsys):
     """Each mistake: exit 2, one `error:` line on stderr that names the key, file or line, no file touched.
 
     Train commands that get past the config into the loader train into `{ws}/run` (holding a user's
     file) with the tiny recipe; `{run}` is a finished run, which must survive refusals unchanged.
     """
     def fill(text: str) -> str:
-        return text.replace("{ws}", str(workspace)).replace("{run}", str(straight))
+        return text.replace("{ws}", str(workspace)).replace("{run}", str(straight)).replace("{damaged}", str(damaged_adapter))
 
     argv, culprit = [fill(a) for a in args], fill(culprit)
     if argv[0] == "train" and not any(a.startswith("run_dir=") for a in argv):
@@ -492,8 +535,71 @@ def test_bad_input_is_one_line_naming_the_culprit_and_changes_nothing(args, culp
         cli.main(argv)
     out, err = capsys.readouterr()
     assert exit_.value.code == 2, f"exit {exit_.value.code}; stdout: {out[-2000:]}"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
-    assert culprit in lines[0], lines[0]
+    assert culprit in _error_line(err), err[-3000:]
     assert _snapshot(workspace, straight) == before, "existing files must be left untouched"
     assert not (workspace / "run" / "base_model").exists() and not (workspace / "run" / "config.yaml").exists()
+
+
+# --- one writer per run ------------------------------------------------------------------------------
+
+
+def test_a_run_has_one_writer_and_the_others_stop_at_once_naming_it(tmp_path):
+    """While a run trains, a second train (resume or overwrite) stops before touching anything; eval and
+    export say the run is in training; once the writer is killed, the lock is gone with it."""
+    run_dir = tmp_path / "busy"
+    writer = _start(run_dir, "train.max_steps=100000", "train.save_every=5")
+    _wait_for(writer, lambda: bool(checkpoint_dirs(run_dir)), "the first checkpoint")
+    try:
+        config = (run_dir / "config.yaml").read_bytes()
+        for extra in (["train.resume=true"], ["overwrite=true"]):
+            code, out = _finish(_start(run_dir, *extra), timeout=120)
+            assert code == 2, out[-2000:]
+            assert _error_line(out).startswith(f"error: {run_dir} is being trained by PID {writer.pid} on ")
+            # The writer's files are its own: the config was not rewritten, overwrite deleted nothing.
+            assert (run_dir / "config.yaml").read_bytes() == config and checkpoint_dirs(run_dir)
+        env = _env()
+        for args in (["eval", f"run_dir={run_dir}"], ["export", f"run_dir={run_dir}", "rank=2"]):
+            done = subprocess.run([sys.executable, "-m", "qdylora_cli", *args], capture_output=True, text=True,
+                                  env=env, timeout=120)
+            assert done.returncode == 2
+            assert f"{run_dir} is being trained by PID {writer.pid}" in done.stderr
+            assert "has no finished adapter yet" in done.stderr
+        assert writer.poll() is None, "the run in training went on undisturbed"
+    finally:
+        writer.kill()
+        writer.wait()
+    code, out = _finish(_start(run_dir, "train.resume=true", "train.max_steps=12"), timeout=300)
+    assert code == 0, out[-2000:]  # SIGKILL left no stale lock
+
+
+# --- out of memory -----------------------------------------------------------------------------------
+
+
+def test_out_of_memory_is_one_line_with_the_step_the_settings_and_the_last_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                                       one_thread):
+    run_dir = tmp_path / "oom"
+    real = train.build_training_model
+
+    def build(*args, **kwargs):  # at step 7 the forward asks the allocator for an impossible amount of memory
+        model, meta, base = real(*args, **kwargs)
+        calls = [0]
+
+        def hook(module, inputs):
+            calls[0] += module.training
+            if calls[0] == 7:
+                torch.empty(1 << 60, dtype=torch.uint8)
+
+        model.register_forward_pre_hook(hook)
+        return model, meta, base
+
+    monkeypatch.setattr(train, "build_training_model", build)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "+recipe=tiny", f"run_dir={run_dir}", "train.max_steps=30", "train.save_every=5",
+                  "train.eval_every=0", "train.log_every=1"])
+    assert exit_.value.code == 1
+    err = _error_line(capsys.readouterr().err)
+    assert err.startswith("error: out of memory at step 7 (train.batch_size=16, sequence length up to 144, "
+                          "adapter.r_max=8, train.gradient_checkpointing=false)")
+    assert err.endswith(f"Last good checkpoint: {run_dir / 'checkpoints' / 'step-5'}")
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step-5"] and verify_dir(run_dir / "checkpoints" / "step-5") is None
+    assert [m["step"] for m in _metrics(run_dir)][-1] == 6 and not (run_dir / "adapter").exists()

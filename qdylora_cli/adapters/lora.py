@@ -283,13 +283,12 @@ class DynamicRankLoRA(nn.Module):
 def _per_row(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Multiply the i-th of k contiguous batch chunks of `t` (N, ..., n) by `rows[i]`; `rows` is (k, n).
 
-    Chunk sizes differ by at most one (row j belongs to chunk ⌊j·k/N⌋), so any batch of at least k
-    rows splits; evaluation repeats its batch k times, which gives k exact copies.
+    Row j belongs to chunk ⌊j·k/N⌋: chunk sizes differ by at most one, and a batch of fewer than k
+    rows (the short last batch of an epoch) leaves some ranks without rows. Evaluation repeats its
+    batch k times, which gives k exact copies.
     """
     k, n = rows.shape[0], t.shape[0]
     if k == 1:
         return t * rows[0]
-    if n < k:
-        raise QdyloraError(f"multi-rank forward: a batch of {n} rows cannot give each of {k} ranks a chunk")
     chunk = torch.arange(n, device=rows.device) * k // n
     return t * rows[chunk].view(n, *([1] * (t.dim() - 2)), -1)
