@@ -277,8 +277,9 @@ def task_scores(
 
 
 def metric_is_flat(scores: dict[int, float]) -> bool:
-    """Every adapted rank scores the same (e.g. an exact match of 0 everywhere): the metric picks no rank."""
-    return len({v for r, v in scores.items() if r > 0}) <= 1
+    """Several adapted ranks all score the same (e.g. an exact match of 0 everywhere): the metric picks none."""
+    values = [v for r, v in scores.items() if r > 0]
+    return len(values) > 1 and len(set(values)) == 1
 
 
 def recommend(
@@ -293,7 +294,7 @@ def recommend(
     if not ranks:
         return None
     if losses is not None and metric_is_flat(scores):
-        return recommend(losses, higher_is_better=False, tolerance=tolerance)
+        return recommend({r: losses[r] for r in ranks}, higher_is_better=False, tolerance=tolerance)
     if higher_is_better:
         tie_break = losses or {}
         best = max(ranks, key=lambda r: (scores[r], -tie_break.get(r, 0.0), -r))
