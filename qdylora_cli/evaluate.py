@@ -338,14 +338,14 @@ def rank_figure(rows: list[dict], metric: str, pick: tuple[int, int] | None, tit
         best, chosen = (next(r for r in rows if r["rank"] == b) for b in pick)
         # A large hollow star under a small filled diamond: both stay visible when they mark the same rank.
         ax.plot(best["rank"], best[metric], "*", markersize=20, markerfacecolor="none", markeredgecolor="tab:red",
-                markeredgewidth=1.5, zorder=3, label=f"best: rank {best['rank']}")
-        ax.plot(chosen["rank"], chosen[metric], "D", color="tab:green", markersize=6, zorder=4,
+                markeredgewidth=1.5, zorder=3, clip_on=False, label=f"best: rank {best['rank']}")
+        ax.plot(chosen["rank"], chosen[metric], "D", color="tab:green", markersize=6, zorder=4, clip_on=False,
                 label=f"recommended: rank {chosen['rank']}")
     ax.set_xlabel("rank b")
     ax.set_ylabel(f"{metric.replace('_', ' ')} on {data_name}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
 
