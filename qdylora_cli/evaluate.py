@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,9 @@ from qdylora_cli.errors import QdyloraError
 from qdylora_cli.loading import dtype_kwarg
 from qdylora_cli.model import load_run_model, load_tokenizer, torch_dtype
 from qdylora_cli.sampling import Sampling, SharedNoiseSampler
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TASK_METRIC = {"gsm8k": "exact_match", "mcq": "accuracy"}  # higher is better; task none ranks by loss
 GENERATIONS = "generations.jsonl"  # a task's every answer, per rank, with its reference and score
@@ -316,16 +319,17 @@ def base_in_view(values: list[float], base: float) -> bool:
     return low - margin <= base <= high + margin
 
 
-def rank_figure(rows: list[dict], metric: str, pick: tuple[int, int] | None, title: str, data_name: str) -> Any:
-    """The metric against the rank: the base model as a line (or a legend note when far off), best and recommended."""
-    import matplotlib
+def rank_figure(rows: list[dict], metric: str, pick: tuple[int, int] | None, title: str, data_name: str) -> Figure:
+    """The metric against the rank: the base model as a line (or a legend note when far off), best and recommended.
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    A bare Figure, not pyplot: no display backend and no global figure to close.
+    """
+    from matplotlib.figure import Figure
 
     adapted = [r for r in rows if r["rank"] > 0]
     values = [r[metric] for r in adapted]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig = Figure(figsize=(6.4, 4))
+    ax = fig.subplots()
     ax.plot([r["rank"] for r in adapted], values, "o-", label="QDyLoRA at rank b")
     base = next((r[metric] for r in rows if r["rank"] == 0), None)
     if base is not None and (not values or base_in_view(values, base)):
@@ -355,8 +359,6 @@ def write_results(
     generations: list[dict] | None = None,
 ) -> None:
     """ranks.json, ranks.csv, ranks.png, summary.json (and generations.jsonl for a task), all or nothing."""
-    import matplotlib.pyplot as plt
-
     pick = (summary["best_rank"], summary["recommended_rank"]) if summary["best_rank"] is not None else None
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "ranks.json").write_text(json.dumps(rows, indent=1))
@@ -367,9 +369,7 @@ def write_results(
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         if generations is not None:
             (tmp / GENERATIONS).write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
-        fig = rank_figure(rows, metric, pick, title, summary["data"])
-        fig.savefig(tmp / "ranks.png", dpi=120)
-        plt.close(fig)
+        rank_figure(rows, metric, pick, title, summary["data"]).savefig(tmp / "ranks.png", dpi=120)
 
 
 def print_table(rows: list[dict], summary: dict, metric: str) -> None:
