@@ -1,7 +1,7 @@
-"""`qdylora train|eval|export [KEY=VALUE ...] [+recipe=NAME]`: compose the config, validate it, dispatch.
+"""`qdylora train|eval|export|generate [KEY=VALUE ...] [+recipe=NAME]`: compose the config, validate it, dispatch.
 
 Hydra has no subcommands, so each command is a primary config (`conf/train.yaml`, `eval.yaml`,
-`export.yaml`) composed with Hydra's compose API. Recipes are the `recipes/` folder: its parent is
+`export.yaml`, `generate.yaml`) composed with Hydra's compose API. Recipes are the `recipes/` folder: its parent is
 on Hydra's search path, and `+recipe=NAME` is passed on as `+recipes=NAME`. Everything is checked
 against the typed schema in config.py before the command's (torch-heavy) module is imported.
 """
@@ -9,6 +9,7 @@ against the typed schema in config.py before the command's (torch-heavy) module 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import re
@@ -24,6 +25,7 @@ from qdylora_cli.config import (
     SCHEMAS,
     EvalConfig,
     ExportConfig,
+    GenerateConfig,
     TrainConfig,
     absolute_paths,
     flat_config,
@@ -34,18 +36,26 @@ from qdylora_cli.config import (
     unknown_key_message,
     validate_eval,
     validate_export,
+    validate_generate,
     validate_train,
 )
 from qdylora_cli.errors import Interrupted, QdyloraError, is_out_of_memory
+from qdylora_cli.helptext import conf_comments, key_rows, key_table
 from qdylora_cli.logs import quiet_libraries, setup_logging
 
 COMMANDS = {
     "train": "fine-tune a model: one run trains every adapter rank 1..r_max",
     "eval": "loss/perplexity (or task scores) of a trained run at many ranks",
     "export": "one rank of a run as a PEFT adapter or a merged model",
+    "generate": "a run's answers to your prompts, at one rank or several side by side",
 }
-MODULES = {"train": "qdylora_cli.train", "eval": "qdylora_cli.evaluate", "export": "qdylora_cli.export"}
+MODULES = {"train": "qdylora_cli.train", "eval": "qdylora_cli.evaluate", "export": "qdylora_cli.export",
+           "generate": "qdylora_cli.generate"}
 GROUPS = ("model", "data", "quant", "rank_schedule", "optimizer")
+# The option of each group whose comments document every key of the group (read first for --help).
+REFERENCE_OPTIONS = {"model": "hf", "data": "alpaca", "quant": "nf4", "rank_schedule": "uniform", "optimizer": "adamw"}
+# Free text, never Hydra syntax: `prompt=What's 3, plus 4?` is kept as typed (see _text_overrides).
+TEXT_KEYS = {"generate": ("prompt", "input")}
 _RECIPE = re.compile(r"^\+{0,2}recipe=(.*)$")
 
 
@@ -171,15 +181,25 @@ def _recipe(overrides: list[str], config_dir: str | Path | None) -> tuple[str | 
     return names[0], rest
 
 
+def _text_overrides(command: str, overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split off `KEY=TEXT` for the command's free-text keys: Hydra would read commas as a sweep,
+    brackets as a list and an apostrophe as an unclosed quote."""
+    keys = TEXT_KEYS.get(command, ())
+    is_text = [o.partition("=")[0] in keys and "=" in o for o in overrides]
+    texts = dict(o.split("=", 1) for o, text in zip(overrides, is_text) if text)
+    return texts, [o for o, text in zip(overrides, is_text) if not text]
+
+
 def compose_config(
     command: str, overrides: list[str], config_dir: str | Path | None = None
-) -> TrainConfig | EvalConfig | ExportConfig:
+) -> TrainConfig | EvalConfig | ExportConfig | GenerateConfig:
     """The validated, typed config of `qdylora COMMAND OVERRIDES...` (nothing heavy is imported).
 
-    For eval and export, `+recipe=NAME` only names the run: its run_dir becomes the default.
+    For eval, export and generate, `+recipe=NAME` only names the run: its run_dir becomes the default.
     """
     if command not in COMMANDS:
         raise QdyloraError(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
+    texts, overrides = _text_overrides(command, overrides)
     _check_overrides(overrides)
     recipe, overrides = _recipe(overrides, config_dir)
     if command == "train":
@@ -201,6 +221,8 @@ def compose_config(
     if command == "export":
         return validate_export(cfg, load_run_config(cfg.run_dir).adapter.r_max)
     run_cfg, merged_rank = load_eval_source(cfg.run_dir)
+    if command == "generate":
+        return validate_generate(dataclasses.replace(cfg, **texts), run_cfg.adapter.r_max, merged_rank)
     return validate_eval(cfg, run_cfg.adapter.r_max, merged_rank)
 
 
@@ -232,11 +254,31 @@ def _defaults(command: str) -> dict[str, str]:
     return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
 
 
+def key_reference(command: str) -> list[str]:
+    """`key  default  meaning` for every key of the command (see helptext.py)."""
+    conf = config_root() / "conf"
+    # eval's data is null until chosen: show the keys (and defaults) that data=json brings
+    groups = {"train": REFERENCE_OPTIONS, "eval": {"data": REFERENCE_OPTIONS["data"]}}.get(command, {})
+    extra = ["data=json"] if command == "eval" else []
+    defaults = OmegaConf.to_container(_compose_raw(command, extra, None)[0], resolve=False)
+    rows = key_rows(SCHEMAS[command], defaults, conf_comments(conf, command, groups))
+    return [f"keys of qdylora {command} (KEY=VALUE; defaults of conf/{command}.yaml{_default_note(command)}):",
+            *key_table(rows)]
+
+
+def _default_note(command: str) -> str:
+    if command == "train":
+        chosen = ", ".join(f"{g}={o}" for g, o in _defaults("train").items())
+        return f" with {chosen}; a recipe or option changes some"
+    return " with data=json" if command == "eval" else ""
+
+
 def help_epilog(command: str | None, config_dir: str | Path | None = None) -> str:
     root = config_root()
     lines = []
     if command is None:
-        lines += ["commands:"] + [f"  {name:<8} {text}" for name, text in COMMANDS.items()] + [""]
+        lines += ["commands:"] + [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+        lines += ["  help      this help; `qdylora help COMMAND` is `qdylora COMMAND --help`", ""]
     if command in (None, "train"):
         user = _user_dir(config_dir)
         lines.append("recipes (+recipe=NAME):")
@@ -255,12 +297,13 @@ def help_epilog(command: str | None, config_dir: str | Path | None = None) -> st
             "  qdylora train +recipe=tiny adapter.r_max=16 train.max_steps=100 run_dir=runs/r16",
             "  qdylora train model=hf model.name_or_path=./my-model data=json data.path=train.jsonl",
             "  qdylora eval +recipe=tiny rank=1..8",
+            "  qdylora generate +recipe=tiny rank=[1,4,8] prompt='Reverse the word.' input=star",
             "  qdylora export +recipe=tiny rank=4 format=merged",
+            "",
         ]
-    else:
-        lines += [f"keys (conf/{command}.yaml):"]
-        body = (root / "conf" / f"{command}.yaml").read_text().splitlines()
-        lines += ["  " + line for line in body if line and not line.startswith("#")]
+    lines += key_reference(command or "train")
+    if command is None:
+        lines += ["", "keys of eval, export and generate: qdylora COMMAND --help"]
     lines += [
         "",
         "Every key can be set as KEY=VALUE; `qdylora COMMAND ... --cfg` prints the result.",
@@ -270,6 +313,16 @@ def help_epilog(command: str | None, config_dir: str | Path | None = None) -> st
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors, and an epilog built only when the help is shown (it composes configs)."""
+
+    def __init__(self, *args: Any, epilog_for: tuple[str | None, str | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epilog_for = epilog_for
+
+    def format_help(self) -> str:
+        self.epilog = help_epilog(*self.epilog_for)
+        return super().format_help()
+
     def error(self, message: str) -> Any:  # argparse's usage + message would be two lines
         raise QdyloraError(f"{self.prog}: {message} (see {self.prog} --help)")
 
@@ -279,9 +332,9 @@ def _parser(command: str | None, config_dir: str | None) -> _Parser:
     parser = _Parser(
         prog=prog,
         description=COMMANDS.get(command, "QDyLoRA fine-tuning: a 4-bit NF4 base and LoRA adapters good at every rank."),
-        epilog=help_epilog(command, config_dir),
+        epilog_for=(command, config_dir),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{prog} [--config-dir DIR] [--cfg] [KEY=VALUE ...] [+recipe=NAME]" if command else "qdylora COMMAND ...",
+        usage=f"{prog} [--config-dir DIR] [--cfg] [KEY=VALUE ...] [+recipe=NAME]" if command else "qdylora COMMAND ... | qdylora help [COMMAND]",
     )
     parser.add_argument("--version", action="version", version=f"qdylora {__version__}")
     if command is not None:
@@ -307,11 +360,13 @@ def _launch_processes(cfg: TrainConfig, argv: list[str]) -> int | None:
 
 def run(argv: list[str]) -> int:
     """Parse, compose, validate, then import and run the command; returns the exit code."""
+    if argv[:1] == ["help"]:  # `qdylora help [COMMAND]`
+        argv = [*argv[1:2], "--help"]
     if not argv or argv[0] not in COMMANDS:
         parser = _parser(None, None)
         if not argv:
             parser.print_help()
-            return 2
+            return 0
         if argv[0] in ("-h", "--help", "--version"):
             parser.parse_args(argv)  # prints and exits
         parser.error(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}")

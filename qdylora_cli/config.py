@@ -126,7 +126,7 @@ class LoopConfig:
     save_every: int = 250
     keep_last: int = 3
     eval_every: int = 200
-    eval_ranks: list[int] | None = None  # null: [1, r_max/4, r_max]
+    eval_ranks: Any = None  # a rank spec as for `eval rank=` (1..8, [1,2,4], all); null: [1, r_max/4, r_max]
     eval_batches: int = 20
     log_every: int = 10
     gradient_checkpointing: bool | None = None  # null: on with a GPU, off on a CPU
@@ -172,7 +172,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     max_samples: int | None = None
     tolerance: float = 0.01
-    out_dir: str | None = None  # null: RUN_DIR/eval
+    out_dir: str | None = None  # null: RUN_DIR/eval/<task>-<data name>
     overwrite: bool = False
 
 
@@ -187,7 +187,28 @@ class ExportConfig:
     overwrite: bool = False
 
 
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "export": ExportConfig}
+@dataclass
+class GenerateConfig:
+    name: str = "default"
+    run_dir: str = "runs/${name}"
+    rank: Any = None  # a rank spec (8, [1,4,8], 1..8); null: r_max, or a merged export's rank
+    prompt: str | None = None  # literal text (cli.py keeps Hydra from parsing it)
+    input: str | None = None  # the template's optional input, with `prompt`
+    prompts: str | None = None  # a file: one prompt per line, or JSONL records
+    raw: bool = False  # true: the prompt text as is, without the run's template
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    ranks_per_pass: int = 8
+    out_file: str | None = None  # JSONL of every answer; null: print only
+    overwrite: bool = False
+
+
+SCHEMAS: dict[str, type] = {
+    "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig, "generate": GenerateConfig,
+}
 
 
 # --- composed YAML -> typed object ------------------------------------------------------------------
@@ -329,7 +350,7 @@ def validate_data(d: DataConfig, check_paths: bool, key: str = "data") -> None:
 
 
 def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
-    """Ranges, choices and paths of a train config; returns it unchanged."""
+    """Ranges, choices and paths of a train config; returns it with train.eval_ranks as a list of ints."""
     validate_model(cfg.model, check_paths)
     validate_data(cfg.data, check_paths)
     q, a, rs, o, t = cfg.quant, cfg.adapter, cfg.rank_schedule, cfg.optimizer, cfg.train
@@ -375,9 +396,8 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         _at_least(f"train.{name}", getattr(t, name), 1)
     for name in ("seed", "save_every", "eval_every", "max_grad_norm"):
         _at_least(f"train.{name}", getattr(t, name), 0)
-    for r in t.eval_ranks or []:
-        if not 0 <= r <= a.r_max:
-            _fail("train.eval_ranks", t.eval_ranks, f"ranks in 0..adapter.r_max ({a.r_max}); 0 is the base model")
+    if t.eval_ranks is not None:  # the same syntax as `eval rank=`; the training loop gets the list
+        t.eval_ranks = parse_rank_spec(t.eval_ranks, a.r_max, key="train.eval_ranks")
     _choice("train.mixed_precision", t.mixed_precision, ("auto", *MIXED_PRECISION))
     for tracker in t.report_to:
         _choice("train.report_to", tracker, TRACKERS)
@@ -408,6 +428,30 @@ def validate_eval(cfg: EvalConfig, r_max: int, merged_rank: int | None = None) -
     return cfg
 
 
+def validate_generate(cfg: GenerateConfig, r_max: int, merged_rank: int | None = None) -> GenerateConfig:
+    """`merged_rank`: the run_dir is a merged export, which holds that one rank and nothing else."""
+    if merged_rank is not None:
+        if cfg.rank not in (None, merged_rank, str(merged_rank)):
+            _fail("rank", cfg.rank, f"{merged_rank} or null: {cfg.run_dir} is a merged export of rank {merged_rank}")
+    elif cfg.rank is not None:
+        parse_rank_spec(cfg.rank, r_max)
+    if (cfg.prompt is None) == (cfg.prompts is None):
+        raise QdyloraError('give one of prompt="TEXT" or prompts=FILE (one prompt per line, or JSONL)')
+    if cfg.input is not None and cfg.prompt is None:
+        _fail("input", cfg.input, "null with prompts=FILE (each record there has its own input field)")
+    if cfg.prompts is not None and not Path(cfg.prompts).expanduser().is_file():
+        _fail("prompts", cfg.prompts, "an existing file")
+    for name in ("max_new_tokens", "batch_size", "ranks_per_pass"):
+        _at_least(name, getattr(cfg, name), 1)
+    _at_least("seed", cfg.seed, 0)
+    _at_least("temperature", cfg.temperature, 0)
+    if not 0 < cfg.top_p <= 1:
+        _fail("top_p", cfg.top_p, "a number in (0, 1]")
+    if cfg.temperature == 0 and cfg.top_p != 1:
+        _fail("top_p", cfg.top_p, "1.0 with temperature=0 (greedy decoding); set temperature > 0 to sample")
+    return cfg
+
+
 def validate_export(cfg: ExportConfig, r_max: int) -> ExportConfig:
     _choice("format", cfg.format, EXPORT_FORMATS)
     low = 0 if cfg.format == "merged" else 1  # a merged rank 0 is the dequantized base alone
@@ -434,18 +478,19 @@ def parse_threads(key: str, value: str | int) -> int | None:
 _RANGE = re.compile(r"^(\d+)\s*\.\.\s*(\d+)(?:\s*:\s*(\d+))?$")
 
 
-def parse_rank_spec(spec: Any, r_max: int) -> list[int]:
+def parse_rank_spec(spec: Any, r_max: int, key: str = "rank") -> list[int]:
     """Ranks named by `spec`, sorted and unique: `8`, `1..64`, `1..64:4` (1, 5, ..., 61), `[1,2,4,8]`, `all`.
 
     0 is the base model without adapters. Hydra hands over ints and lists as such, strings otherwise.
+    `key` names the setting in error messages.
     """
     usage = "a rank spec like 8, 1..64, 1..64:4, [1,2,4,8] or all"
     if isinstance(spec, bool):
-        _fail("rank", spec, usage)
+        _fail(key, spec, usage)
     if isinstance(spec, int):
         ranks = [spec]
     elif isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
-        ranks = [_rank_item(x, spec, usage) for x in spec]
+        ranks = [_rank_item(x, spec, usage, key) for x in spec]
     elif isinstance(spec, str):
         text = spec.strip()
         if text == "all":
@@ -453,28 +498,28 @@ def parse_rank_spec(spec: Any, r_max: int) -> list[int]:
         elif m := _RANGE.match(text):
             lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
             if lo > hi or step < 1:
-                _fail("rank", spec, "LOW..HIGH[:STEP] with LOW <= HIGH and STEP >= 1")
+                _fail(key, spec, "LOW..HIGH[:STEP] with LOW <= HIGH and STEP >= 1")
             ranks = list(range(lo, hi + 1, step))
         else:
             items = [x.strip() for x in text.strip("[]").split(",")]
-            ranks = [_rank_item(x, spec, usage) for x in items]
+            ranks = [_rank_item(x, spec, usage, key) for x in items]
     else:
-        _fail("rank", spec, usage)
+        _fail(key, spec, usage)
     if not ranks:
-        _fail("rank", spec, usage)
+        _fail(key, spec, usage)
     if min(ranks) < 0:
-        _fail("rank", spec, "ranks >= 0 (0 is the base model)")
+        _fail(key, spec, "ranks >= 0 (0 is the base model)")
     if max(ranks) > r_max:
-        raise QdyloraError(f"rank={spec!r}: rank {max(ranks)} is above the run's adapter.r_max ({r_max})")
+        raise QdyloraError(f"{key}={spec!r}: rank {max(ranks)} is above the run's adapter.r_max ({r_max})")
     return sorted(set(ranks))
 
 
-def _rank_item(x: Any, spec: Any, usage: str) -> int:
+def _rank_item(x: Any, spec: Any, usage: str, key: str) -> int:
     if isinstance(x, int) and not isinstance(x, bool):
         return x
     if isinstance(x, str) and x.isdigit():
         return int(x)
-    _fail("rank", spec, usage)
+    _fail(key, spec, usage)
 
 
 # --- run directories ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from qdylora_cli.config import (
     AdapterConfig,
     EvalConfig,
     ExportConfig,
+    GenerateConfig,
     LauncherConfig,
     LoopConfig,
     OptimizerConfig,
@@ -160,7 +161,8 @@ def test_hub_ids_and_local_paths(stories260k, alpaca_1k):
         (["data.path=my.jsonl"], "data.path=my.jsonl: say what the file holds with data=json"),
         (["train.max_steps=0"], "train.max_steps=0"),
         (["train.batch_size=0"], "train.batch_size=0"),
-        (["train.eval_ranks=[1,100]"], "train.eval_ranks=[1, 100]: expected ranks in 0..adapter.r_max (64)"),
+        (["train.eval_ranks=[1,100]"], "train.eval_ranks=[1, 100]: rank 100 is above the run's adapter.r_max (64)"),
+        (["train.eval_ranks=1-8"], "train.eval_ranks='1-8': expected a rank spec like 8, 1..64"),
         (["launcher.num_processes=0"], "launcher.num_processes=0"),
         (["model=nope"], "model=nope: no such option; model has: falcon_40b, hf"),
         (["+recipe=nope"], "unknown recipe 'nope' (+recipe=nope); available: falcon40b_alpaca"),
@@ -296,6 +298,36 @@ def test_eval_config(run_dir):
         compose_config("eval", [f"run_dir={run_dir}", "task=bleu"])
     with pytest.raises(QdyloraError, match="pick one, e.g. data=json data.path=x"):
         compose_config("eval", [f"run_dir={run_dir}", "data.path=x"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "ranks"), [("1..8", list(range(1, 9))), ("[1,2,4]", [1, 2, 4]), ("1..64:16", [1, 17, 33, 49]),
+                        ("8", [8]), ("all", list(range(1, 65))), ("[0,64]", [0, 64])],
+)
+def test_train_eval_ranks_take_the_rank_syntax_of_eval(spec, ranks):
+    assert compose_config("train", [f"train.eval_ranks={spec}"]).train.eval_ranks == ranks
+
+
+def test_generate_config(run_dir, tmp_path):
+    cfg = compose_config("generate", [f"run_dir={run_dir}", "prompt=Hi, there", "rank=[1,4]", "temperature=0.7"])
+    assert isinstance(cfg, GenerateConfig) and (cfg.prompt, cfg.rank, cfg.top_p) == ("Hi, there", [1, 4], 1.0)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    assert compose_config("generate", [f"run_dir={run_dir}", f"prompts={prompts}"]).rank is None
+    for overrides, message in [
+        ([], 'give one of prompt="TEXT" or prompts=FILE'),
+        (["prompt=a", f"prompts={prompts}"], 'give one of prompt="TEXT" or prompts=FILE'),
+        ([f"prompts={prompts}", "input=x"], "input='x': expected null with prompts=FILE"),
+        (["prompts=nowhere.txt"], "prompts='nowhere.txt': expected an existing file"),
+        (["prompt=a", "rank=9"], "rank=9: rank 9 is above the run's adapter.r_max (8)"),
+        (["prompt=a", "temperature=-1"], "temperature=-1.0: expected a number >= 0"),
+        (["prompt=a", "temperature=1", "top_p=0"], "top_p=0.0: expected a number in (0, 1]"),
+        (["prompt=a", "top_p=0.9"], "top_p=0.9: expected 1.0 with temperature=0 (greedy decoding)"),
+        (["prompt=a", "max_new_tokens=0"], "max_new_tokens=0: expected a number >= 1"),
+    ]:
+        with pytest.raises(QdyloraError) as err:
+            compose_config("generate", [f"run_dir={run_dir}", *overrides])
+        assert message in str(err.value)
 
 
 def test_export_config(run_dir):
