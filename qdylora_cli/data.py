@@ -1,14 +1,18 @@
-"""Training data: read records or text, build prompts, tokenize with response-only labels, batch.
+"""Training data: read records, conversations or text, tokenize with response-only labels, batch.
 
-`load_datasets` returns lists of tokenized examples `{"input_ids": [...], "labels": [...]}`;
-`batch_order` gives the trainer a deterministic order per epoch, so "epoch e, batch i" is an
-exact resume point; `collate` pads one batch.
+`load_datasets` returns lists of tokenized examples `{"input_ids": [...], "labels": [...]}` (chat
+data: see chat.py); `batch_order` and `packed_batch_order` give the trainer a deterministic order
+per epoch, so "epoch e, batch i" is an exact resume point; `collate` pads one batch and
+`collate_packed` lays several examples side by side in each row.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from bisect import bisect_left, insort
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from qdylora_cli.config import DataConfig
+from qdylora_cli.chat import parse_messages, resolve_template, tokenize_conversations
+from qdylora_cli.config import DataConfig, is_chat
 from qdylora_cli.errors import QdyloraError
 
 log = logging.getLogger(__name__)
@@ -153,12 +158,17 @@ def tokenize_pairs(
     return examples
 
 
-def _instruction_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> list[dict]:
+def _records(cfg: DataConfig, path: str) -> list[tuple[str, Any]]:
     records = read_records(cfg, path)
     if cfg.max_samples is not None:
         records = records[: cfg.max_samples]
     if not records:
         raise QdyloraError(f"{path}: no records (data.path must hold at least one example)")
+    return records
+
+
+def _instruction_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> list[dict]:
+    records = _records(cfg, path)
     sources, targets = [], []
     for where, r in records:
         instruction = _field(where, r, cfg.instruction_field, "data.instruction_field")
@@ -166,6 +176,15 @@ def _instruction_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, p
         sources.append(format_prompt(cfg.template, instruction, input_))
         targets.append(_field(where, r, cfg.output_field, "data.output_field"))
     return tokenize_pairs(tokenizer, sources, targets, cfg)
+
+
+def _chat_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str, template: Any) -> list[dict]:
+    conversations = [(where, parse_messages(where, r, cfg)) for where, r in _records(cfg, path)]
+    examples, stats = tokenize_conversations(tokenizer, template, conversations, cfg)
+    if stats.cut or stats.dropped:
+        log.info("%s: of %d conversations, %d were cut to data.max_length=%d tokens and %d dropped "
+                 "(no assistant token left to learn)", path, stats.records, stats.cut, cfg.max_length, stats.dropped)
+    return examples
 
 
 def _corpus_ids(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> list[int]:
@@ -214,14 +233,18 @@ def load_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
             train_ids, val = ids[:cut], chunk_blocks(ids[cut:], cfg.block_size)
         train = chunk_blocks(train_ids, cfg.block_size)[: cfg.max_samples]
     else:
-        examples = _instruction_examples(cfg, tokenizer, cfg.path)
+        examples_of: Callable[[str], list[dict]] = partial(_instruction_examples, cfg, tokenizer)
+        if is_chat(cfg):  # one template for both files, resolved (and announced) once
+            examples_of = partial(_chat_examples, cfg, tokenizer, template=resolve_template(cfg, tokenizer))
+        examples = examples_of(cfg.path)
         if cfg.val_path is not None:
-            train, val = examples, _instruction_examples(cfg, tokenizer, cfg.val_path)
+            train, val = examples, examples_of(cfg.val_path)
         else:
             train_idx, val_idx = split_indices(len(examples), cfg.val_fraction, seed)
             train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
     if not train:
-        raise QdyloraError(f"{cfg.path}: no training examples left (check data.val_fraction and data.block_size)")
+        raise QdyloraError(f"{cfg.path}: no training examples left "
+                           "(check data.val_fraction, data.block_size and data.max_length)")
     return train, val
 
 
@@ -277,3 +300,112 @@ def batch_order(
         group = sorted(perm[start : start + window], key=lambda i: -lengths[i])
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+
+
+# --- packing -------------------------------------------------------------------------------------------
+
+
+def pack_rows(lengths: list[int], order: list[int], capacity: int) -> list[list[int]]:
+    """Examples (taken in `order`) grouped into rows of at most `capacity` tokens, best fit.
+
+    Each example goes into the open row with the least room that still holds it, else opens a row:
+    with many short examples rows end up nearly full. A pure function of its arguments.
+    """
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row) of the rows with space left, sorted
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than a row's {capacity}")
+        k = bisect_left(room, (n, -1))
+        if k == len(room):
+            rows.append([i])
+            free, row = capacity - n, len(rows) - 1
+        else:
+            free, row = room.pop(k)
+            rows[row].append(i)
+            free -= n
+        if free > 0:
+            insort(room, (free, row))
+    return rows
+
+
+def packed_batch_order(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, capacity: int
+) -> list[list[list[int]]]:
+    """Batches of one epoch, each `batch_size` rows of example indices, a pure function of (seed, epoch).
+
+    The examples are shuffled, packed into rows (`pack_rows`) and the rows shuffled again, so which
+    examples share a row changes from epoch to epoch, and long and short rows mix in time.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    rows = pack_rows(lengths, rng.permutation(len(lengths)).tolist(), capacity)
+    rows = [rows[i] for i in rng.permutation(len(rows)).tolist()]
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def collate_packed(rows: list[list[dict[str, list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Several examples per row, without an attention mask: `position_ids` restart at 0 for each example.
+
+    transformers reads a restart of the positions as the start of a new sequence and keeps attention
+    inside each one (`find_packed_sequence_indices` in masking_utils; flash-attention's varlen path),
+    so examples in a row never see each other, and rotary positions are those of the example alone.
+    The first label of each example is -100: the last token of the one before must not learn to
+    predict it. The padding at the end of a row is one more sequence of its own, with no labels.
+    """
+    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e["input_ids"])
+            input_ids[r, at : at + n] = torch.tensor(e["input_ids"])
+            labels[r, at + 1 : at + n] = torch.tensor(e["labels"][1:])
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def padding_fraction(batches: list[list[list[int]]], lengths: list[int]) -> float:
+    """Share of the token slots of `batches` (rows of example indices) that hold padding."""
+    real = slots = 0
+    for batch in batches:
+        row_lengths = [sum(lengths[i] for i in row) for row in batch]
+        real += sum(row_lengths)
+        slots += len(batch) * max(row_lengths)
+    return 1 - real / slots if slots else 0.0
+
+
+@torch.no_grad()
+def check_packing(model: torch.nn.Module, examples: list[dict[str, list[int]]], device: torch.device | str) -> None:
+    """Stop unless `model` keeps the examples of a packed row apart (see `collate_packed`).
+
+    Two rows hold the same two pieces of the training data in both orders; where attention stays
+    inside each piece, a piece gets the same logits in either place. Where the model ignores the
+    position restarts (an architecture whose masks do not read `position_ids`, flash-attention with
+    more than one row), the second piece sees the first and its logits move far more than rounding
+    can. Real tokens matter: rarely seen ones (byte fallbacks, reserved ids) barely move anything.
+    """
+    stream = [t for e in examples[:64] for t in e["input_ids"]]
+    stream = stream * (48 // len(stream) + 1)
+    k = len(stream) // 3
+    a, b = stream[k : k + 8], stream[2 * k : 2 * k + 8]
+    rows = [[{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}],
+            [{"input_ids": b, "labels": b}, {"input_ids": a, "labels": a}]]
+    batch = collate_packed(rows, pad_id=0)
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                   use_cache=False).logits.float()
+    model.train(was_training)
+    first = torch.cat([logits[0, :8], logits[1, :8]])  # a, then b, each at the start of its row
+    second = torch.cat([logits[1, 8:], logits[0, 8:]])  # the same, each after the other piece
+    change = ((first - second).abs().mean() / first.abs().mean().clamp(min=1e-6)).item()
+    if change > 0.01:
+        raise QdyloraError(
+            f"data.packing=true: this model ({type(model).__name__}, attention "
+            f"{getattr(model.config, '_attn_implementation', '?')}) lets packed examples attend to each other "
+            f"(logits change by {change:.1%}); set data.packing=false")

@@ -5,6 +5,7 @@ Read top to bottom: run directory, model and data, optimizer and schedule, the l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,7 +35,16 @@ from qdylora_cli.checkpoint import (
     save_checkpoint,
 )
 from qdylora_cli.config import load_run_config, save_config
-from qdylora_cli.data import batch_order, collate, load_datasets
+from qdylora_cli.data import (
+    IGNORE_INDEX,
+    batch_order,
+    check_packing,
+    collate,
+    collate_packed,
+    load_datasets,
+    packed_batch_order,
+    padding_fraction,
+)
 from qdylora_cli.distributed import (
     check_replicas,
     gathered_adapter_state,
@@ -151,37 +161,77 @@ def lr_lambda(kind: str, max_steps: int, warmup_steps: int):
 class BatchStream:
     """An endless, resumable stream of batches: epoch `e` uses the order drawn from seed + e.
 
-    With several processes, process p takes batches p, p + W, p + 2W, ... of each epoch.
+    With several processes, process p takes batches p, p + W, p + 2W, ... of each epoch. With
+    `pack_length` (data.packing), a batch is `batch_size` rows of up to that many tokens, each row
+    holding several examples (`collate_packed`); the rows are packed afresh each epoch, from the
+    same (seed, epoch), so the resume point "epoch e, batch i" stays exact.
     """
 
     def __init__(self, examples: list[dict], batch_size: int, seed: int, group_by_length: bool,
-                 pad_id: int, process: int = 0, world: int = 1):
+                 pad_id: int, process: int = 0, world: int = 1, pack_length: int | None = None):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.group_by_length, self.pad_id, self.process, self.world = group_by_length, pad_id, process, world
+        self.pack_length = pack_length
         self.lengths = [len(e["input_ids"]) for e in examples]
         self.epoch, self.index = 0, 0
-        self._order = self._draw()
+        self.last_tokens = 0  # tokens of the last batch, padding excluded (for tokens/s)
+        self._order = self.epoch_batches(0)
         if len(self._order) < world:
             raise QdyloraError(f"the training set has {len(examples)} examples: too few for {world} processes")
 
-    def _draw(self) -> list[list[int]]:
-        return batch_order(len(self.examples), self.batch_size, self.seed, self.epoch, self.group_by_length, self.lengths)
+    def epoch_batches(self, epoch: int) -> list[list[list[int]]]:
+        """The batches of `epoch`, each a list of rows of example indices (one example per row unpacked)."""
+        if self.pack_length is not None:
+            return packed_batch_order(self.lengths, self.batch_size, self.seed, epoch, self.pack_length)
+        order = batch_order(len(self.examples), self.batch_size, self.seed, epoch, self.group_by_length, self.lengths)
+        return [[[i] for i in batch] for batch in order]
+
+    def batches_per_process(self, epoch: int) -> int:
+        """Micro-batches each process takes from `epoch` (packed epochs may differ by a row or so)."""
+        return len(self.epoch_batches(epoch)) // self.world
 
     def __next__(self) -> dict[str, torch.Tensor]:
         usable = len(self._order) - len(self._order) % self.world
         if self.index >= usable:
             self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._draw()
-        ids = self._order[self.index + self.process]
+            self._order = self.epoch_batches(self.epoch)
+        rows = [[self.examples[i] for i in row] for row in self._order[self.index + self.process]]
         self.index += self.world
-        return collate([self.examples[i] for i in ids], self.pad_id)
+        self.last_tokens = sum(len(e["input_ids"]) for row in rows for e in row)
+        if self.pack_length is not None:
+            return collate_packed(rows, self.pad_id)
+        return collate([row[0] for row in rows], self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = state["epoch"], state["index"]
-        self._order = self._draw()
+        self._order = self.epoch_batches(self.epoch)
+
+
+def plan_steps(t: Any, batches: BatchStream, grad_accum: int) -> int:
+    """Optimizer steps of the run: train.max_steps, or enough for train.num_epochs passes over the data.
+
+    Logs the size of one epoch first. With num_epochs, the last step may take its last micro-batches
+    from the following epoch: every example of the requested epochs is seen.
+    """
+    examples = batches.examples
+    first = batches.epoch_batches(0)
+    per_process = len(first) // batches.world
+    loss_tokens = sum(len(e["labels"]) - 1 - e["labels"][1:].count(IGNORE_INDEX) for e in examples)
+    unit = f"rows of up to {batches.pack_length} tokens (packed)" if batches.pack_length else "examples"
+    log.info("one epoch: %s examples, %s tokens (%s with loss); %d batches of %d %s, %.1f%% padding; "
+             "%.1f optimizer steps of %d micro-batches%s", f"{len(examples):,}", f"{sum(batches.lengths):,}",
+             f"{loss_tokens:,}", len(first), batches.batch_size, unit, 100 * padding_fraction(first, batches.lengths),
+             per_process / grad_accum, grad_accum, f" on each of {batches.world} processes" if batches.world > 1 else "")
+    if t.num_epochs is None:
+        log.info("train.max_steps=%d: %.2f epochs", t.max_steps, t.max_steps * grad_accum / per_process)
+        return t.max_steps
+    micro = per_process + sum(batches.batches_per_process(e) for e in range(1, t.num_epochs))
+    steps = math.ceil(micro / grad_accum)
+    log.info("train.num_epochs=%d: %d optimizer steps", t.num_epochs, steps)
+    return steps
 
 
 # --- RNG state -------------------------------------------------------------------------------------
@@ -280,6 +330,10 @@ def run(cfg: Any) -> Path:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                trust_remote_code=cfg.model.trust_remote_code)
     train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
+    batches = BatchStream(train_set, t.batch_size, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
+                          accelerator.process_index, accelerator.num_processes,
+                          pack_length=cfg.data.max_length if cfg.data.packing else None)
+    t = dataclasses.replace(t, max_steps=plan_steps(t, batches, t.grad_accum))  # num_epochs -> a number of steps
 
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -314,8 +368,8 @@ def run(cfg: Any) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them by sharded ones
     sampler = build_rank_sampler(cfg.rank_schedule.kind, r_max=cfg.adapter.r_max,
                                  min_rank=cfg.rank_schedule.min_rank, rank=cfg.rank_schedule.rank, seed=t.seed)
-    batches = BatchStream(train_set, t.batch_size, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
-                          accelerator.process_index, accelerator.num_processes)
+    if cfg.data.packing:
+        check_packing(accelerator.unwrap_model(model), train_set, accelerator.device)
     val_batches = [collate(val_set[i:i + t.batch_size], tokenizer.pad_token_id)
                    for i in range(0, len(val_set), t.batch_size)][: t.eval_batches]
     eval_ranks = sorted(set(t.eval_ranks or [1, max(1, cfg.adapter.r_max // 4), cfg.adapter.r_max]))
@@ -371,10 +425,11 @@ def run(cfg: Any) -> Path:
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
                 sync = micro == t.grad_accum - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss = model(**batch).loss / t.grad_accum
+                    # No KV cache: with one, transformers would not read packed rows' position restarts.
+                    loss = model(**batch, use_cache=False).loss / t.grad_accum
                 accelerator.backward(loss)
                 loss_sum += loss.detach()
-                tokens += int(batch["attention_mask"].sum())
+                tokens += batches.last_tokens
             grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
             loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
             scaler_handles_it = accelerator.scaler is not None and math.isfinite(loss_value)
