@@ -237,15 +237,23 @@ def generation_prompt(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
     return _render(tokenizer, template, messages, True, where)
 
 
-def turn_end(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> str:
-    """The text the template writes after an assistant message (e.g. `<|im_end|>`), without special tokens.
+@dataclass
+class TurnEnd:
+    """How the template ends an assistant turn: its text without special tokens, and those tokens' ids.
 
-    Generated text is cut there: a model trained on chat data ends its turn with it, and what it
-    writes after (a new turn it imagines) is not its answer.
+    Generation stops at the special tokens and is cut at the text: a model trained on chat data ends
+    its turn there, and what it writes after (a turn it imagines next) is not its answer.
     """
+
+    text: str
+    token_ids: list[int]
+
+
+def find_turn_end(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> TurnEnd:
+    """What the template writes after an assistant message (e.g. `<|im_end|>`, `<|eot_id|>`)."""
     probe = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
     text = _render(tokenizer, template, probe, False, template.source)
     tail = text[text.rindex("Hello.") + len("Hello."):]
-    for token in tokenizer.all_special_tokens:
-        tail = tail.replace(token, "")
-    return tail.strip()
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return TurnEnd(tokenizer.decode(ids, skip_special_tokens=True).strip(), [t for t in ids if t in special])
