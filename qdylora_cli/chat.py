@@ -45,6 +45,7 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]  # a template's smoke test
 
 
 @dataclass
@@ -81,13 +82,13 @@ def resolve_template(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, key: s
             raise QdyloraError(f"{key}.chat_template={value!r}: cannot read the template file ({e})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise QdyloraError(f"chat data needs a fast tokenizer (token offsets); {tokenizer.name_or_path!r} is not one")
-    probe = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
-    _render(tokenizer, template, probe, False, f"{template.source}, on a two-message conversation")
+    _render(tokenizer, template, PROBE, False, None)
     return template
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, messages: list[dict[str, str]],
-            generation_prompt: bool, where: str) -> str:
+            generation_prompt: bool, where: str | None) -> str:
+    """`where`: the record (file:line) in error messages; None for the smoke test of the template itself."""
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template.text, tokenize=False,
                                              add_generation_prompt=generation_prompt)
@@ -95,9 +96,11 @@ def _render(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, messages
         reason = " ".join(str(e).split()) or type(e).__name__
         line = getattr(e, "lineno", None)
         at = f" (template line {line})" if isinstance(line, int) else ""
+        if where is None:
+            raise QdyloraError(f"{template.source} fails on a two-message conversation{at}: {reason}") from None
         raise QdyloraError(f"{where}: {template.source} fails{at}: {reason}") from None
     if not isinstance(text, str):
-        raise QdyloraError(f"{where}: {template.source} did not render to text")
+        raise QdyloraError(f"{where or 'a two-message conversation'}: {template.source} did not render to text")
     return text
 
 
@@ -251,8 +254,7 @@ class TurnEnd:
 
 def find_turn_end(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> TurnEnd:
     """What the template writes after an assistant message (e.g. `<|im_end|>`, `<|eot_id|>`)."""
-    probe = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
-    text = _render(tokenizer, template, probe, False, template.source)
+    text = _render(tokenizer, template, PROBE, False, None)
     tail = text[text.rindex("Hello.") + len("Hello."):]
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}

@@ -210,13 +210,13 @@ class BatchStream:
         self._order = self.epoch_batches(self.epoch)
 
 
-def plan_steps(t: Any, batches: BatchStream, grad_accum: int) -> int:
+def plan_steps(t: Any, batches: BatchStream) -> int:
     """Optimizer steps of the run: train.max_steps, or enough for train.num_epochs passes over the data.
 
     Logs the size of one epoch first. With num_epochs, the last step may take its last micro-batches
     from the following epoch: every example of the requested epochs is seen.
     """
-    examples = batches.examples
+    examples, grad_accum = batches.examples, t.grad_accum
     first = batches.epoch_batches(0)
     per_process = len(first) // batches.world
     loss_tokens = sum(len(e["labels"]) - 1 - e["labels"][1:].count(IGNORE_INDEX) for e in examples)
@@ -333,7 +333,7 @@ def run(cfg: Any) -> Path:
     batches = BatchStream(train_set, t.batch_size, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
                           accelerator.process_index, accelerator.num_processes,
                           pack_length=cfg.data.max_length if cfg.data.packing else None)
-    t = dataclasses.replace(t, max_steps=plan_steps(t, batches, t.grad_accum))  # num_epochs -> a number of steps
+    t = dataclasses.replace(t, max_steps=plan_steps(t, batches))  # num_epochs -> a number of steps
 
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
