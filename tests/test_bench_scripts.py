@@ -40,3 +40,14 @@ def test_bench_eval_sweep_gives_the_same_losses_as_separate_evaluations():
     assert set(rows) == {"separate", "sweep"}
     diff = float(re.search(r"largest loss difference ([\d.e+-]+)$", out, re.M).group(1))
     assert diff < 1e-5
+
+
+def test_bench_packing_compares_packed_and_padded_training():
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    if not (shared / "models" / "stories260K").exists() or not (shared / "data" / "alpaca_1k.json").exists():
+        pytest.skip(f"{shared} lacks stories260K or alpaca_1k.json")
+    out = run_script("bench_packing.py")
+    rows = re.findall(r"^\| (padded|padded, grouped|packed) \| [^|]+ \| ([\d.]+)% \| ([\d,]+) \| ([\d.]+)x \|$", out, re.M)
+    assert [r[0] for r in rows] == ["padded", "padded, grouped", "packed"]
+    padding = {name: float(p) for name, p, *_ in rows}
+    assert padding["packed"] < padding["padded"] / 3 and rows[0][3] == "1.00"
