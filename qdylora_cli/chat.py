@@ -56,30 +56,30 @@ class ChatTemplate:
     source: str
 
 
-def resolve_template(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, key: str = "data") -> ChatTemplate:
+def resolve_template(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
     """`data.chat_template` (Jinja text, a file, or `chatml`), else the tokenizer's own, else ChatML.
 
-    The template is tried on a two-message conversation here, so a broken one stops the run with one
-    line before any model loads.
+    The template is tried on a two-message conversation here, so a broken one stops with one line
+    naming it, not with an error about the first record.
     """
     value = cfg.chat_template
     if value is None:
         try:
             template = ChatTemplate(tokenizer.get_chat_template(), f"the chat template of {tokenizer.name_or_path!r}")
         except ValueError:  # transformers' way of saying the tokenizer has none
-            log.info("%s has no chat template: using qdylora's built-in ChatML (set %s.chat_template for another)",
-                     tokenizer.name_or_path or "the tokenizer", key)
+            log.info("%s has no chat template: using qdylora's built-in ChatML (set data.chat_template for another)",
+                     tokenizer.name_or_path or "the tokenizer")
             template = ChatTemplate(CHATML_TEMPLATE, "the built-in ChatML template")
     elif value == "chatml":
         template = ChatTemplate(CHATML_TEMPLATE, "the built-in ChatML template")
     elif is_inline_template(value):
-        template = ChatTemplate(value, f"{key}.chat_template")
+        template = ChatTemplate(value, "data.chat_template")
     else:
         path = Path(value).expanduser()
         try:
-            template = ChatTemplate(path.read_text(encoding="utf-8"), f"{key}.chat_template={value!r}")
+            template = ChatTemplate(path.read_text(encoding="utf-8"), f"data.chat_template={value!r}")
         except (OSError, UnicodeDecodeError) as e:
-            raise QdyloraError(f"{key}.chat_template={value!r}: cannot read the template file ({e})") from None
+            raise QdyloraError(f"data.chat_template={value!r}: cannot read the template file ({e})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise QdyloraError(f"chat data needs a fast tokenizer (token offsets); {tokenizer.name_or_path!r} is not one")
     _render(tokenizer, template, PROBE, False, None)
@@ -255,6 +255,8 @@ class TurnEnd:
 def find_turn_end(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> TurnEnd:
     """What the template writes after an assistant message (e.g. `<|im_end|>`, `<|eot_id|>`)."""
     text = _render(tokenizer, template, PROBE, False, None)
+    if "Hello." not in text:  # a template that rewrites answers: nothing to recognise the end of a turn by
+        return TurnEnd("", [])
     tail = text[text.rindex("Hello.") + len("Hello."):]
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}

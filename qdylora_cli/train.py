@@ -222,9 +222,9 @@ def plan_steps(t: Any, batches: BatchStream) -> int:
     loss_tokens = sum(len(e["labels"]) - 1 - e["labels"][1:].count(IGNORE_INDEX) for e in examples)
     unit = f"rows of up to {batches.pack_length} tokens (packed)" if batches.pack_length else "examples"
     log.info("one epoch: %s examples, %s tokens (%s with loss); %d batches of %d %s, %.1f%% padding; "
-             "%.1f optimizer steps of %d micro-batches%s", f"{len(examples):,}", f"{sum(batches.lengths):,}",
+             "%.1f optimizer steps (train.grad_accum=%d%s)", f"{len(examples):,}", f"{sum(batches.lengths):,}",
              f"{loss_tokens:,}", len(first), batches.batch_size, unit, 100 * padding_fraction(first, batches.lengths),
-             per_process / grad_accum, grad_accum, f" on each of {batches.world} processes" if batches.world > 1 else "")
+             per_process / grad_accum, grad_accum, f", {batches.world} processes" if batches.world > 1 else "")
     if t.num_epochs is None:
         log.info("train.max_steps=%d: %.2f epochs", t.max_steps, t.max_steps * grad_accum / per_process)
         return t.max_steps
