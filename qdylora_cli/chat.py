@@ -112,7 +112,7 @@ def parse_messages(where: str, record: Any, cfg: DataConfig) -> list[dict[str, s
 
     `data.system_prompt` becomes the first message of a record that has no system message.
     """
-    field, role_key, content_key = cfg.messages_field, cfg.role_field, cfg.content_field
+    field, role_key, content_key = cfg.messages_field or "messages", cfg.role_field, cfg.content_field
     if not isinstance(record, dict):
         raise QdyloraError(f"{where}: expected a JSON object with {field!r}, got {type(record).__name__}")
     raw = record.get(field)

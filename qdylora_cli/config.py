@@ -72,7 +72,7 @@ class DataConfig:
     group_by_length: bool = True
     block_size: int = 512
     max_samples: int | None = None
-    messages_field: str | None = None  # chat: the record field with the messages; hf: set it to read conversations
+    messages_field: str | None = None  # chat: the field with the messages (null: `messages`); hf: set it for chat
     role_field: str = "role"
     content_field: str = "content"
     system_prompt: str | None = None  # chat: first message of records that have no system message
@@ -345,7 +345,7 @@ def validate_data(d: DataConfig, check_paths: bool, key: str = "data") -> None:
 
 
 def _validate_chat_keys(d: DataConfig, check_paths: bool, key: str) -> None:
-    if d.format == "chat" and not d.messages_field:
+    if d.messages_field == "":
         _fail(f"{key}.messages_field", d.messages_field,
               "the record field holding the list of messages (messages; conversations for ShareGPT)")
     if d.format in ("alpaca", "text") and d.messages_field is not None:

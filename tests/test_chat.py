@@ -135,6 +135,14 @@ def test_truncation_cuts_or_drops_and_says_so(tmp_path, tok, caplog):
 # --- records --------------------------------------------------------------------------------------------
 
 
+def test_format_chat_alone_reads_messages(tmp_path, tok):
+    path = _write(tmp_path / "c.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    cfg = compose_config("train", ["data=json", "data.format=chat", f"data.path={path}", "data.val_fraction=0"]).data
+    assert cfg.messages_field is None
+    train, _ = load_datasets(cfg, tok, seed=0)
+    assert train == _examples(tok, CONVERSATIONS, _cfg())[0]
+
+
 def test_sharegpt_fields_roles_and_system_prompt(tmp_path, tok):
     sharegpt = [{"conversations": [{"from": "human", "value": m["content"]} if m["role"] == "user" else
                                    {"from": "gpt", "value": m["content"]}
