@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from qdylora_cli.chat import parse_messages, resolve_template, tokenize_conversations
+from qdylora_cli.chat import ChatTemplate, parse_messages, resolve_template, tokenize_conversations
 from qdylora_cli.config import DataConfig, is_chat
 from qdylora_cli.errors import QdyloraError
 
@@ -178,7 +178,9 @@ def _instruction_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, p
     return tokenize_pairs(tokenizer, sources, targets, cfg)
 
 
-def _chat_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str, template: Any) -> list[dict]:
+def _chat_examples(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str, template: ChatTemplate
+) -> list[dict]:
     conversations = [(where, parse_messages(where, r, cfg)) for where, r in _records(cfg, path)]
     examples, stats = tokenize_conversations(tokenizer, template, conversations, cfg)
     if stats.cut or stats.dropped:
