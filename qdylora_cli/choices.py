@@ -2,6 +2,8 @@
 that acts on a value both read them here, so the two cannot drift apart."""
 
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("alpaca", "text", "hf", "chat")
+TEMPLATES = ("alpaca", "plain")  # prompt templates of instruction records (chat data uses the tokenizer's)
 QUANT_TYPES = ("nf4", "none")
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the ones bitsandbytes accepts
 ADAPTER_MODES = ("frozen", "full")

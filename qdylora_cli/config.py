@@ -27,6 +27,7 @@ from qdylora_cli.choices import (
     ADAPTER_MODES,
     ADAPTER_SCALES,
     ADAPTER_VARIANTS,
+    DATA_FORMATS,
     DTYPES,
     MIXED_PRECISION,
     NF4_BLOCKSIZES,
@@ -35,12 +36,11 @@ from qdylora_cli.choices import (
     RANK_SCHEDULES,
     RETIRED_OPTIMIZERS,
     SCHEDULERS,
+    TEMPLATES,
     TRACKERS,
 )
 from qdylora_cli.errors import QdyloraError
 
-DATA_FORMATS = ("alpaca", "text", "hf")
-TEMPLATES = ("alpaca", "plain")
 EVAL_TASKS = ("none", "gsm8k", "mcq")
 EXPORT_FORMATS = ("peft", "merged")
 EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run it came from
@@ -78,6 +78,13 @@ class DataConfig:
     group_by_length: bool = True
     block_size: int = 512
     max_samples: int | None = None
+    messages_field: str | None = None  # chat: the field with the messages (null: `messages`); hf: set it for chat
+    role_field: str = "role"
+    content_field: str = "content"
+    system_prompt: str | None = None  # chat: first message of records that have no system message
+    chat_template: str | None = None  # chat: Jinja text, a file, or `chatml`; null: the tokenizer's own
+    max_length: int = 2048  # chat: tokens kept per conversation; packing: tokens per row
+    packing: bool = False
 
 
 @dataclass
@@ -119,7 +126,8 @@ class OptimizerConfig:
 
 @dataclass
 class LoopConfig:
-    max_steps: int = 1875
+    max_steps: int | None = 1875
+    num_epochs: int | None = None  # the alternative to max_steps: exactly one of them is set
     batch_size: int = 1
     grad_accum: int = 16
     seed: int = 42
@@ -329,14 +337,32 @@ def validate_model(m: ModelConfig, check_paths: bool) -> None:
             _existing("model.tokenizer", m.tokenizer, local_only=False)
 
 
+def is_chat(d: DataConfig) -> bool:
+    """Conversations (lists of messages): `format=chat`, or an `hf` dataset with a messages column."""
+    return d.format == "chat" or (d.format == "hf" and d.messages_field is not None)
+
+
+def is_inline_template(text: str) -> bool:
+    """A `data.chat_template` value that is Jinja text itself rather than a file name."""
+    return "{{" in text or "{%" in text
+
+
 def validate_data(d: DataConfig, check_paths: bool, key: str = "data") -> None:
     _choice(f"{key}.format", d.format, DATA_FORMATS)
     _choice(f"{key}.template", d.template, TEMPLATES)
     _fraction(f"{key}.val_fraction", d.val_fraction)
     for name in ("source_max_len", "target_max_len", "block_size"):
         _at_least(f"{key}.{name}", getattr(d, name), 1)
+    _at_least(f"{key}.max_length", d.max_length, 2)
     if d.max_samples is not None:
         _at_least(f"{key}.max_samples", d.max_samples, 1)
+    _validate_chat_keys(d, check_paths, key)
+    if d.packing and (d.format == "text" or (d.format == "hf" and d.text_field is not None)):
+        _fail(f"{key}.packing", d.packing, f"false for a text corpus (its blocks of {key}.block_size are already full)")
+    if d.packing and not is_chat(d) and d.max_length < d.source_max_len + d.target_max_len:
+        _fail(f"{key}.max_length", d.max_length,
+              f">= {key}.source_max_len + {key}.target_max_len ({d.source_max_len + d.target_max_len}) "
+              "with packing, so that every example fits in a row")
     if d.path.startswith("builtin:"):
         if d.path not in BUILTIN_DATA:
             _fail(f"{key}.path", d.path, "one of " + ", ".join(BUILTIN_DATA))
@@ -347,6 +373,28 @@ def validate_data(d: DataConfig, check_paths: bool, key: str = "data") -> None:
         _existing(f"{key}.path", d.path, local_only=d.format != "hf")
     if check_paths:
         _existing(f"{key}.val_path", d.val_path, local_only=d.format != "hf")
+
+
+def _validate_chat_keys(d: DataConfig, check_paths: bool, key: str) -> None:
+    if d.messages_field == "":
+        _fail(f"{key}.messages_field", d.messages_field,
+              "the record field holding the list of messages (messages; conversations for ShareGPT)")
+    if d.format in ("alpaca", "text") and d.messages_field is not None:
+        _fail(f"{key}.messages_field", d.messages_field, "null unless data.format is chat or hf")
+    if d.format == "hf" and d.messages_field is not None and d.text_field is not None:
+        _fail(f"{key}.text_field", d.text_field, f"null when {key}.messages_field is set (one kind of data at a time)")
+    if not is_chat(d):
+        for name in ("system_prompt", "chat_template"):
+            if getattr(d, name) is not None:
+                _fail(f"{key}.{name}", getattr(d, name), "null unless the data is chat (data=chat)")
+        return
+    for name in ("role_field", "content_field"):
+        if not getattr(d, name):
+            _fail(f"{key}.{name}", getattr(d, name), "a field name, e.g. role/content (from/value for ShareGPT)")
+    template = d.chat_template
+    if template is not None and template != "chatml" and not is_inline_template(template):
+        if check_paths and not Path(template).expanduser().is_file():
+            _fail(f"{key}.chat_template", template, "Jinja text (with {{ or {%), chatml, or an existing file")
 
 
 def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
@@ -392,8 +440,13 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         _fail("optimizer.betas", o.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
     _fraction("optimizer.warmup_ratio", o.warmup_ratio)
 
-    for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "eval_batches", "log_every", "max_bad_steps"):
-        _at_least(f"train.{name}", getattr(t, name), 1)
+    if (t.max_steps is None) == (t.num_epochs is None):
+        hint = "set train.max_steps=null to train by epochs" if t.num_epochs is not None else "set one of them"
+        _fail("train.num_epochs", t.num_epochs, f"exactly one of train.max_steps and train.num_epochs ({hint})")
+    for name in ("max_steps", "num_epochs", "batch_size", "grad_accum", "keep_last", "eval_batches", "log_every",
+                 "max_bad_steps"):
+        if getattr(t, name) is not None:
+            _at_least(f"train.{name}", getattr(t, name), 1)
     for name in ("seed", "save_every", "eval_every", "max_grad_norm"):
         _at_least(f"train.{name}", getattr(t, name), 0)
     if t.eval_ranks is not None:  # the same syntax as `eval rank=`; the training loop gets the list
@@ -417,6 +470,8 @@ def validate_eval(cfg: EvalConfig, r_max: int, merged_rank: int | None = None) -
         parse_rank_spec(cfg.rank, r_max)
     if cfg.data is not None:
         validate_data(cfg.data, check_paths=True)
+        if cfg.data.packing:
+            _fail("data.packing", True, "false for eval (losses are measured example by example)")
     _at_least("batch_size", cfg.batch_size, 1)
     _at_least("ranks_per_pass", cfg.ranks_per_pass, 1)
     for name in ("max_batches", "max_samples"):

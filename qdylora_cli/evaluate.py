@@ -29,8 +29,24 @@ from rich.table import Table
 from transformers import LogitsProcessorList
 
 from qdylora_cli.adapters import set_rank
+from qdylora_cli.chat import (
+    ChatTemplate,
+    TurnEnd,
+    find_turn_end,
+    generation_prompt,
+    parse_messages,
+    resolve_template,
+    tokenize_conversations,
+)
 from qdylora_cli.checkpoint import atomic_dir, check_writable
-from qdylora_cli.config import DataConfig, EvalConfig, load_eval_source, load_export_info, parse_rank_spec
+from qdylora_cli.config import (
+    DataConfig,
+    EvalConfig,
+    is_chat,
+    load_eval_source,
+    load_export_info,
+    parse_rank_spec,
+)
 from qdylora_cli.data import (
     collate,
     format_prompt,
@@ -106,10 +122,11 @@ def rank_losses(
 @dataclass
 class TaskExample:
     where: str  # file:line, for error messages
-    prompt: str
+    prompt: str  # chat data: rendered from `messages` once the tokenizer is loaded
     target: str  # the text whose loss is measured: the reference answer, or the correct letter
     gold: str | int  # gsm8k: the normalised number; mcq: the index of the correct choice
     n_choices: int = 0  # mcq only
+    messages: list[dict[str, str]] | None = None  # chat data: the conversation up to the answer
 
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -134,7 +151,7 @@ def gsm8k_prediction(generated: str) -> str:
     return normalize_number(numbers[-1]) if numbers else ""
 
 
-def _mcq_gold(where: str, answer: Any, choices: list[str], key: str) -> int:
+def _mcq_gold(where: str, answer: Any, choices: list[str], name: str) -> int:
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         return answer
     if isinstance(answer, str):
@@ -144,31 +161,43 @@ def _mcq_gold(where: str, answer: Any, choices: list[str], key: str) -> int:
         if text in choices:
             return choices.index(text)
     raise QdyloraError(
-        f"{where}: field {key!r}={answer!r}: expected a choice letter, a 0-based index below {len(choices)} or a choice's text"
+        f"{where}: {name}={answer!r}: expected a choice letter, a 0-based index below {len(choices)} or a choice's text"
     )
 
 
 def _task_example(task: str, where: str, record: Any, data: DataConfig, choices_field: str) -> TaskExample:
-    if not isinstance(record, dict):
-        raise QdyloraError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    question, answer = record.get(data.instruction_field), record.get(data.output_field)
-    if not isinstance(question, str):
-        raise QdyloraError(f"{where}: missing text field {data.instruction_field!r} (set data.instruction_field)")
-    input_ = record.get(data.input_field) or ""
+    """One scored example. Chat records: the last message is the assistant's reference answer."""
+    if is_chat(data):
+        messages = parse_messages(where, record, data)
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise QdyloraError(f"{where}: the last message must be the assistant's reference answer to a question")
+        answer, name = messages[-1]["content"], "the last message"
+    else:
+        if not isinstance(record, dict):
+            raise QdyloraError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        question = record.get(data.instruction_field)
+        if not isinstance(question, str):
+            raise QdyloraError(f"{where}: missing text field {data.instruction_field!r} (set data.instruction_field)")
+        answer, name = record.get(data.output_field), f"field {data.output_field!r}"
     if task == "gsm8k":
         if not isinstance(answer, str) or "####" not in answer:
-            raise QdyloraError(f"{where}: field {data.output_field!r} must be a GSM8K answer ending in '#### N'")
+            raise QdyloraError(f"{where}: {name} must be a GSM8K answer ending in '#### N'")
         gold = normalize_number(answer.rsplit("####", 1)[1])
         if not gold:
-            raise QdyloraError(f"{where}: field {data.output_field!r} has nothing after '####'")
-        return TaskExample(where, format_prompt(data.template, question, input_), answer, gold)
-    choices = record.get(choices_field)
-    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
-        raise QdyloraError(f"{where}: field {choices_field!r} must be a list of 2 to 26 strings (set choices_field)")
-    gold = _mcq_gold(where, answer, choices, data.output_field)
-    listed = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    prompt = format_prompt(data.template, f"{question}\n{listed}\nAnswer with the letter of the correct choice.", input_)
-    return TaskExample(where, prompt, LETTERS[gold], gold, len(choices))
+            raise QdyloraError(f"{where}: {name} has nothing after '####'")
+        target, n_choices, ask = answer, 0, ""
+    else:
+        choices = record.get(choices_field)
+        if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
+            raise QdyloraError(f"{where}: field {choices_field!r} must be a list of 2 to 26 strings (set choices_field)")
+        gold = _mcq_gold(where, answer, choices, name)
+        listed = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+        target, n_choices, ask = LETTERS[gold], len(choices), f"\n{listed}\nAnswer with the letter of the correct choice."
+    if is_chat(data):  # the choices follow the question, the message before the answer
+        asked = [*messages[:-2], {**messages[-2], "content": messages[-2]["content"] + ask}]
+        return TaskExample(where, "", target, gold, n_choices, messages=asked)
+    prompt = format_prompt(data.template, question + ask, record.get(data.input_field) or "")
+    return TaskExample(where, prompt, target, gold, n_choices)
 
 
 def task_examples(cfg: EvalConfig, data: DataConfig, seed: int, held_out: bool) -> list[TaskExample]:
@@ -189,12 +218,12 @@ def task_examples(cfg: EvalConfig, data: DataConfig, seed: int, held_out: bool) 
 
 
 def _prompts_at_ranks(
-    model: Any, tokenizer: Any, prompts: list[str], ranks: Sequence[int], device: torch.device
+    model: Any, tokenizer: Any, prompts: list[str], ranks: Sequence[int], device: torch.device, chat: bool = False
 ) -> dict[str, torch.Tensor]:
     """Set one rank per chunk and return the prompts, left-padded (every row's next token at the
-    same position) and repeated once per rank."""
+    same position) and repeated once per rank. Chat prompts hold their special tokens already."""
     set_rank(model, ranks[0] if len(ranks) == 1 else tuple(ranks))
-    ids = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+    ids = tokenizer(prompts, add_special_tokens=not chat, verbose=False)["input_ids"]
     width = max(map(len, ids))
     pad = pad_token_id(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
@@ -211,30 +240,36 @@ def generate_at_ranks(
     max_new_tokens: int,
     device: torch.device,
     sampling: Sampling | None = None,
+    turn_end: TurnEnd | None = None,
 ) -> dict[int, list[str]]:
     """Continuations of `prompts` at each rank, all ranks in one batched `generate`.
 
     Greedy without `sampling`; with it, sampled so that a prompt gets the same random draws at
     every rank and in any batch (sampling.py): one call for several ranks equals one call per rank.
+    `turn_end`: the prompts are rendered chat; a continuation ends with the assistant's turn.
     """
-    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device)
+    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device, chat=turn_end is not None)
     sampler = LogitsProcessorList([SharedNoiseSampler(sampling, prompts * len(ranks))]) if sampling else None
+    stop_ids = [tokenizer.eos_token_id, *(turn_end.token_ids if turn_end else [])]
     out = model.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, logits_processor=sampler,
-        pad_token_id=pad_token_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer), eos_token_id=stop_ids,
     )
     texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    if turn_end is not None and turn_end.text:
+        texts = [text.split(turn_end.text, 1)[0] for text in texts]
     n = len(prompts)
     return {r: texts[i * n : (i + 1) * n] for i, r in enumerate(ranks)}
 
 
 @torch.no_grad()
 def choice_predictions(
-    model: Any, tokenizer: Any, prompts: list[str], n_choices: list[int], ranks: Sequence[int], device: torch.device
+    model: Any, tokenizer: Any, prompts: list[str], n_choices: list[int], ranks: Sequence[int], device: torch.device,
+    chat: bool = False,
 ) -> dict[int, list[int]]:
     """The choice each rank picks: greedy decoding restricted to the valid letters (their first token)."""
     letter_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in LETTERS]
-    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device)
+    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device, chat=chat)
     logits = model(**inputs).logits[:, -1].float().cpu()
     n = len(prompts)
     picks: dict[int, list[int]] = {}
@@ -246,10 +281,11 @@ def choice_predictions(
 
 def task_scores(
     model: Any, tokenizer: Any, examples: list[TaskExample], task: str, ranks: Sequence[int], cfg: EvalConfig,
-    device: torch.device,
+    device: torch.device, turn_end: TurnEnd | None = None,
 ) -> tuple[dict[int, float], list[dict]]:
     """Exact match (gsm8k) or accuracy (mcq) per rank, in [0, 1], and one record per (example, rank):
-    what the rank generated (or the letter it picked), the reference and whether it scored."""
+    what the rank generated (or the letter it picked), the reference and whether it scored.
+    `turn_end`: chat prompts (see generate_at_ranks)."""
     correct = dict.fromkeys(ranks, 0)
     generations = []
     batches = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
@@ -258,10 +294,12 @@ def task_scores(
         for idx in _groups(len(ranks), cfg.ranks_per_pass):
             group = [ranks[i] for i in idx]
             if task == "gsm8k":
-                texts = generate_at_ranks(model, tokenizer, prompts, group, cfg.max_new_tokens, device)
+                texts = generate_at_ranks(model, tokenizer, prompts, group, cfg.max_new_tokens, device,
+                                          turn_end=turn_end)
                 answers = {r: [(t, gsm8k_prediction(t)) for t in texts[r]] for r in group}
             else:
-                picks = choice_predictions(model, tokenizer, prompts, [e.n_choices for e in batch], group, device)
+                picks = choice_predictions(model, tokenizer, prompts, [e.n_choices for e in batch], group, device,
+                                           chat=turn_end is not None)
                 answers = {r: [(LETTERS[p], p) for p in picks[r]] for r in group}
             for r in group:
                 for e, (generated, predicted) in zip(batch, answers[r]):
@@ -428,8 +466,12 @@ def eval_dir(cfg: EvalConfig) -> Path:
     return Path(cfg.run_dir) / "eval" / f"{task}-{data_name(cfg.data)}"
 
 
-def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[TaskExample] | None) -> list[dict]:
-    if examples is not None:
+def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[TaskExample] | None,
+                  template: ChatTemplate | None) -> list[dict]:
+    if examples is not None and template is not None:  # chat: the loss of the answer as the assistant's turn
+        conversations = [(e.where, [*e.messages, {"role": "assistant", "content": e.target}]) for e in examples]
+        val = tokenize_conversations(tokenizer, template, conversations, cfg.data or run_cfg.data)[0]
+    elif examples is not None:
         data = cfg.data or run_cfg.data
         val = tokenize_pairs(tokenizer, [e.prompt for e in examples], [e.target for e in examples], data)
     elif cfg.data is None:
@@ -455,25 +497,32 @@ def run(cfg: EvalConfig) -> list[dict]:
     check_writable(out, "out_dir")
     note_if_training(run_dir)
     run_cfg, merged_rank = load_eval_source(run_dir)
+    data = cfg.data or run_cfg.data
     examples = None
     if cfg.task != "none":  # read and checked before the model loads: a bad record costs nothing
-        examples = task_examples(cfg, cfg.data or run_cfg.data, run_cfg.train.seed, held_out=cfg.data is None)
+        examples = task_examples(cfg, data, run_cfg.train.seed, held_out=cfg.data is None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_run_or_export(run_dir, merged_rank, device)
+    template = end = None
+    if examples is not None and is_chat(data):  # prompts in the chat template, answers end with the turn
+        template = resolve_template(data, tokenizer)
+        end = find_turn_end(tokenizer, template)
+        for e in examples:
+            e.prompt = generation_prompt(tokenizer, template, e.messages, e.where)
     if merged_rank is None:
         ranks = sorted({0, *parse_rank_spec(cfg.rank, run_cfg.adapter.r_max)})  # the base is the reference line
         shown = {r: r for r in ranks}
     else:  # a merged model is rank `merged_rank` with no adapter left to switch
         ranks, shown = [0], {0: merged_rank}
 
-    batches = _loss_batches(cfg, run_cfg, tokenizer, examples)
+    batches = _loss_batches(cfg, run_cfg, tokenizer, examples, template)
     losses = rank_losses(model, track(batches, description=f"loss ({len(ranks)} ranks)", transient=True), ranks,
                          ranks_per_pass=cfg.ranks_per_pass, device=device)
     rows = [{"rank": shown[r], "loss": losses[r], "perplexity": math.exp(min(losses[r], 700))} for r in ranks]
     metric, generations = "loss", None
     if examples is not None:
         metric = TASK_METRIC[cfg.task]
-        scores, generations = task_scores(model, tokenizer, examples, cfg.task, ranks, cfg, device)
+        scores, generations = task_scores(model, tokenizer, examples, cfg.task, ranks, cfg, device, end)
         for row, r in zip(rows, ranks):
             row[metric] = scores[r]
         for g in generations:

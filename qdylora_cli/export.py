@@ -2,8 +2,9 @@
 
 Rank b of a DyLoRA adapter is just its first b slices, `A[:b]` and `B[:, :b]`, scaled by s(b):
 exactly a LoRA adapter with `r=b` and the `lora_alpha` (and `use_rslora`) that make PEFT compute
-s(b). So a PEFT export needs no model at all, only the saved factors. A merged export rebuilds the run, adds rank b's delta to the dequantized
-base weights and saves a plain Hugging Face model.
+s(b). So a PEFT export needs no model at all, only the saved factors. A merged export rebuilds the
+run, adds rank b's delta to the dequantized base weights and saves a plain Hugging Face model. A
+run trained on chat data also exports its tokenizer with the chat template it was trained with.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
 
 from qdylora_cli.adapters import merge_adapters
+from qdylora_cli.chat import resolve_template
 from qdylora_cli.checkpoint import atomic_dir, check_writable, load_adapter
-from qdylora_cli.config import EXPORT_INFO, ExportConfig, load_run_config
+from qdylora_cli.config import EXPORT_INFO, ExportConfig, TrainConfig, is_chat, load_run_config
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.model import BASE_MODEL_DIR, load_run_model, torch_dtype
+from qdylora_cli.model import BASE_MODEL_DIR, load_run_model, load_run_tokenizer, torch_dtype
 from qdylora_cli.rundir import note_if_training
 
 log = logging.getLogger(__name__)
@@ -76,18 +79,33 @@ def peft_adapter(weights: dict[str, torch.Tensor], meta: dict[str, Any], rank: i
     return state, config
 
 
+def _with_chat_template(run_cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A run trained on chat data: its tokenizer carries the template it was trained with (the built-in
+    ChatML for one that had none), so `apply_chat_template` formats prompts as in training."""
+    tokenizer.chat_template = resolve_template(run_cfg.data, tokenizer).text
+    return tokenizer
+
+
 def _export_peft(cfg: ExportConfig, out: Path) -> None:
     weights, meta = load_adapter(Path(cfg.run_dir) / "adapter")
     state, config = peft_adapter(weights, meta, cfg.rank)
     if meta["base_model"] == BASE_MODEL_DIR:  # built from a config: the run keeps the model it trained on
         config["base_model_name_or_path"] = str((Path(cfg.run_dir) / BASE_MODEL_DIR).resolve())
+    run_cfg = load_run_config(cfg.run_dir)
+    chat = is_chat(run_cfg.data)
+    tokenizer = _with_chat_template(run_cfg, load_run_tokenizer(Path(cfg.run_dir), meta)) if chat else None
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         save_file(state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def _export_merged(cfg: ExportConfig, out: Path) -> None:
     model, tokenizer, meta = load_run_model(Path(cfg.run_dir), device=torch.device("cpu"))
+    run_cfg = load_run_config(cfg.run_dir)
+    if is_chat(run_cfg.data):
+        tokenizer = _with_chat_template(run_cfg, tokenizer)
     merge_adapters(model, cfg.rank)
     dtype = torch_dtype(cfg.dtype or meta["dtype"])
     model.to(dtype)
@@ -99,7 +117,7 @@ def _export_merged(cfg: ExportConfig, out: Path) -> None:
         "base_model": meta["base_model"],
         "variant": meta["variant"],
         # `qdylora eval` of this directory evaluates on the run's validation data with this config
-        "run_config": OmegaConf.to_container(OmegaConf.structured(load_run_config(cfg.run_dir)), resolve=True),
+        "run_config": OmegaConf.to_container(OmegaConf.structured(run_cfg), resolve=True),
     }
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         model.save_pretrained(tmp)

@@ -183,6 +183,11 @@ def _resolve(ref: str, run_dir: Path) -> str:
     return str(candidate) if candidate.exists() else ref
 
 
+def load_run_tokenizer(run_dir: Path, meta: dict[str, Any]) -> PreTrainedTokenizerBase:
+    """The tokenizer a run was trained with (`meta`: its adapter_config.json)."""
+    return load_tokenizer(_resolve(meta["tokenizer"], Path(run_dir)), trust_remote_code=meta["trust_remote_code"])
+
+
 def load_run_model(
     run_dir: Path, *, adapter_dir: Path | None = None, dtype: str | None = None, device: torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
@@ -193,7 +198,7 @@ def load_run_model(
         raise QdyloraError(f"{run_dir} has no finished adapter ({adapter_dir / ADAPTER_CONFIG} is missing)")
     weights, meta = load_adapter(adapter_dir)
     compute = torch_dtype(dtype or meta["dtype"])
-    tokenizer = load_tokenizer(_resolve(meta["tokenizer"], run_dir), trust_remote_code=meta["trust_remote_code"])
+    tokenizer = load_run_tokenizer(run_dir, meta)
     q = meta["quant"]
     model = load_base_model(
         _resolve(meta["base_model"], run_dir), dtype=compute, quant=q, target_modules=tuple(meta["target_modules"]),

@@ -48,10 +48,10 @@ def _clock(seconds: float) -> str:
 class Reporter:
     """Progress of one run: `start()`, `step(record)` after each optimizer step, `stop()`."""
 
-    def __init__(self, cfg: Any, run_dir: Path, accelerator: Any, first_step: int) -> None:
+    def __init__(self, cfg: Any, run_dir: Path, accelerator: Any, first_step: int, total: int) -> None:
         self.cfg, self.run_dir, self.accelerator = cfg, Path(run_dir), accelerator
         self.main = accelerator.is_main_process
-        self.first_step, self.total = first_step, cfg.train.max_steps
+        self.first_step, self.total = first_step, total
         self.live = self.main and sys.stderr.isatty()
         self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                             TimeRemainingColumn(), console=console, disable=not self.live)

@@ -39,7 +39,14 @@ from qdylora_cli.adapters import (
 )
 from qdylora_cli.checkpoint import latest_good_checkpoint, save_adapter, save_checkpoint
 from qdylora_cli.config import TrainConfig, save_config
-from qdylora_cli.data import BatchStream, collate, load_datasets, max_sequence_length
+from qdylora_cli.data import (
+    BatchStream,
+    check_packing,
+    collate,
+    load_datasets,
+    max_sequence_length,
+    plan_steps,
+)
 from qdylora_cli.distributed import (
     check_replicas,
     gathered_adapter_state,
@@ -187,6 +194,7 @@ class Session:
     meta: dict[str, Any]
     reporter: Reporter
     guard: NonFiniteGuard
+    max_steps: int  # train.max_steps, or the steps of train.num_epochs
     step: int = 0
     tokens: int = 0
     drawn: list[int] = field(default_factory=list)  # ranks drawn by this process: part of the replica check
@@ -273,6 +281,10 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
+    batches = BatchStream(train_set, t.batch_size, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
+                          accelerator.process_index, accelerator.num_processes,
+                          pack_length=cfg.data.max_length if cfg.data.packing else None)
+    max_steps = plan_steps(t, batches, held_out=len(val_set))  # train.num_epochs becomes a number of steps
     set_seed(t.seed)
     fsdp = _fsdp2(accelerator)
     keep_base = main and cfg.model.config is not None and not (resume_from and (run_dir / BASE_MODEL).is_dir())
@@ -300,23 +312,23 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if accelerator.device.type == "cpu":
-        mean_length = sum(len(e["input_ids"]) for e in train_set) / len(train_set)
+        row = cfg.data.max_length if cfg.data.packing else sum(batches.lengths) / len(batches.lengths)
         set_cpu_threads("train.cpu_threads", t.cpu_threads, hidden_size=model.config.hidden_size,
-                        tokens=round(mean_length * t.batch_size))
-    _describe(cfg, accelerator, model, meta, train_set, val_set)
+                        tokens=round(row * t.batch_size))
+    _describe(cfg, accelerator, model, meta)
 
     adamw = build_optimizer(cfg.optimizer, model)
-    warmup = math.ceil(cfg.optimizer.warmup_ratio * t.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_lambda(cfg.optimizer.scheduler, t.max_steps, warmup))
+    warmup = math.ceil(cfg.optimizer.warmup_ratio * max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_lambda(cfg.optimizer.scheduler, max_steps, warmup))
     prepared, optimizer = accelerator.prepare(model, adamw)
+    if cfg.data.packing:  # refuse a model that would let packed examples see each other
+        check_packing(accelerator.unwrap_model(prepared), train_set, accelerator.device)
     pad = tokenizer.pad_token_id
     session = Session(
         cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=prepared, optimizer=optimizer, adamw=adamw,
-        scheduler=scheduler, meta=meta, guard=NonFiniteGuard(t.max_bad_steps),
+        scheduler=scheduler, meta=meta, guard=NonFiniteGuard(t.max_bad_steps), max_steps=max_steps, batches=batches,
         sampler=build_rank_sampler(cfg.rank_schedule.kind, r_max=cfg.adapter.r_max,
                                    min_rank=cfg.rank_schedule.min_rank, rank=cfg.rank_schedule.rank, seed=t.seed),
-        batches=BatchStream(train_set, t.batch_size, t.seed, cfg.data.group_by_length, pad,
-                            accelerator.process_index, accelerator.num_processes),
         val_batches=[collate(val_set[i:i + t.batch_size], pad) for i in range(0, len(val_set), t.batch_size)][: t.eval_batches],
         eval_ranks=sorted(set(t.eval_ranks or [1, max(1, cfg.adapter.r_max // 4), cfg.adapter.r_max])),
         reporter=None,  # needs the resumed step: below
@@ -326,18 +338,12 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
         log.info("resuming from %s (step %d)", resume_from, session.step)
     if main:
         save_config(cfg, run_dir / CONFIG)
-    session.reporter = Reporter(cfg, run_dir, accelerator, session.step)
+    session.reporter = Reporter(cfg, run_dir, accelerator, session.step, max_steps)
     return session
 
 
-def _describe(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, meta: dict[str, Any],
-              train_set: list[dict], val_set: list[dict]) -> None:
-    """The run in two lines: its data, and its model and device."""
-    t = cfg.train
-    per_step = t.batch_size * t.grad_accum * accelerator.num_processes
-    tokens = sum(len(e["input_ids"]) for e in train_set)
-    log.info("data: %s training examples (%s tokens), %s held out; %s examples per step, %s steps per epoch",
-             f"{len(train_set):,}", f"{tokens:,}", f"{len(val_set):,}", per_step, f"{math.ceil(len(train_set) / per_step):,}")
+def _describe(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """The model and device in one line (`plan_steps` describes the data)."""
     trainable, total = count_parameters(model)
     log.info("model: %s, %d adapted layers, ranks 1..%d; %s of %s parameters trainable (%.2f%%); %s, %s",
              meta["base_model"], len(meta["target_modules"]), cfg.adapter.r_max, f"{trainable:,}", f"{total:,}",
@@ -380,9 +386,9 @@ def run(cfg: TrainConfig) -> Path:
 
 
 def train_loop(s: Session, stop: StopOnSignal) -> None:
-    """Optimizer steps until train.max_steps: draw ranks, forward/backward, clip, step (or skip), report."""
+    """Optimizer steps until the last: draw ranks, forward/backward, clip, step (or skip), report."""
     t, acc = s.cfg.train, s.accelerator
-    while s.step < t.max_steps:
+    while s.step < s.max_steps:
         started = time.perf_counter()
         ranks = s.sampler.sample(s.cfg.rank_schedule.ranks_per_step)
         s.drawn += ranks
@@ -400,12 +406,12 @@ def train_loop(s: Session, stop: StopOnSignal) -> None:
                   "elapsed": round(time.perf_counter() - s.reporter.started, 3)}
         if skipped:
             record.update(skipped=True, bad_steps=s.guard.in_a_row, skipped_total=s.guard.total)
-        if t.eval_every > 0 and (s.step % t.eval_every == 0 or s.step == t.max_steps) and s.val_batches:
+        if t.eval_every > 0 and (s.step % t.eval_every == 0 or s.step == s.max_steps) and s.val_batches:
             record["val_loss"] = {str(r): round(v, 6) for r, v in validate(s, s.eval_ranks).items()}
         s.reporter.step(record)
         if stop.signum is not None:
             raise Interrupted(stop.signum, s.step, save_training_checkpoint(s))
-        if t.save_every > 0 and s.step % t.save_every == 0 and s.step < t.max_steps:
+        if t.save_every > 0 and s.step % t.save_every == 0 and s.step < s.max_steps:
             save_training_checkpoint(s)
 
 
@@ -418,10 +424,11 @@ def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int]:
         set_rank(s.model, rank)
         batch = {name: v.to(acc.device) for name, v in next(s.batches).items()}
         with (nullcontext() if micro == len(plan) - 1 else acc.no_sync(s.model)), acc.autocast():
-            loss = s.model(**batch).loss / len(plan)
+            # No KV cache: with one, transformers would not read packed rows' position restarts.
+            loss = s.model(**batch, use_cache=False).loss / len(plan)
         acc.backward(loss)
         loss_sum += loss.detach()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += s.batches.last_tokens
     return acc.reduce(loss_sum, reduction="mean").item(), tokens * acc.num_processes
 
 

@@ -143,6 +143,16 @@ def test_hub_ids_and_local_paths(stories260k, alpaca_1k):
         (["data.source_max_len=0"], "data.source_max_len=0: expected a number >= 1"),
         (["data.target_max_len=-1"], "data.target_max_len=-1"),
         (["data.block_size=0"], "data.block_size=0"),
+        (["data.max_length=1"], "data.max_length=1: expected a number >= 2"),
+        (["data=alpaca", "data.text_field=text", "data.packing=true"], "data.packing=True: expected false for a text corpus"),
+        (["data=alpaca", "data.text_field=text", "data.messages_field=messages"], "data.text_field='text': expected null when"),
+        (["data.messages_field=messages"], "data.messages_field='messages': expected null unless data.format is chat or hf"),
+        (["data=chat", "data.path=x.jsonl", "data.format=alpaca"], "data.messages_field='messages': expected null unless"),
+        (["data=chat", "data.path=x.jsonl", "data.role_field="], "data.role_field='': expected a field name"),
+        (["data.packing=true", "data.max_length=143"], "data.max_length=143: expected >= data.source_max_len + "
+                                                        "data.target_max_len (144) with packing"),
+        (["train.num_epochs=1"], "train.num_epochs=1: expected exactly one of train.max_steps and train.num_epochs "
+                                 "(set train.max_steps=null to train by epochs)"),
         (["data.val_fraction=1.0"], "data.val_fraction=1.0: expected a number in [0, 1)"),
         (["quant.type=int8"], "quant.type='int8': expected one of nf4, none"),
         (["quant.blocksize=100"], "quant.blocksize=100: expected one of 32, 64, 128"),

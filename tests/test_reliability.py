@@ -412,6 +412,20 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "wrong-type.jsonl").write_text('{"instruction": "a", "output": 42}\n')
     (ws / "latin1.jsonl").write_bytes((good + '{"instruction": "café", "output": "b"}\n').encode("latin-1"))
     (ws / "blank.txt").write_text("\n  \n")
+    chat = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+    (ws / "chat-no-messages.jsonl").write_text(chat + '{"conversations": []}\n')
+    (ws / "chat-empty.jsonl").write_text('{"messages": []}\n')
+    (ws / "chat-bad-role.jsonl").write_text(chat + '{"messages": [{"role": "bot", "content": "x"}]}\n')
+    (ws / "chat-content-list.jsonl").write_text('{"messages": [{"role": "user", "content": ["x"]}]}\n')
+    (ws / "chat-no-assistant.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    (ws / "chat-ends-with-user.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "#### 1"}, '
+        '{"role": "user", "content": "Bye"}]}\n')
+    (ws / "chat.jsonl").write_text(chat * 4)
+    (ws / "bad.jinja").write_text("{% for m in messages %}{{ m.content }")
+    import datasets
+
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"}]}]).save_to_disk(str(ws / "hf-chat"))
     (ws / "a-file").write_text("not a directory")
     (ws / "unfinished").mkdir()  # a run stopped before it wrote its adapter
     save_config(compose_config("train", ["+recipe=tiny", f"run_dir={ws / 'unfinished'}"]), ws / "unfinished" / "config.yaml")
@@ -476,6 +490,29 @@ BAD_INPUTS = [
     ("field-not-a-string", ["train", "data=json", "data.path={ws}/wrong-type.jsonl"], "wrong-type.jsonl:1"),
     ("not-utf8", ["train", "data=json", "data.path={ws}/latin1.jsonl"], "latin1.jsonl:2"),
     ("empty-text", ["train", "data=text", "data.path={ws}/blank.txt"], "blank.txt"),
+    ("chat-no-messages", ["train", "data=chat", "data.path={ws}/chat-no-messages.jsonl"], "chat-no-messages.jsonl:2"),
+    ("chat-no-messages-in-list", ["train", "data=chat", "data.path={ws}/chat-empty.jsonl"], "chat-empty.jsonl:1: no messages"),
+    ("chat-unknown-role", ["train", "data=chat", "data.path={ws}/chat-bad-role.jsonl"], "chat-bad-role.jsonl:2"),
+    ("chat-content-not-a-string", ["train", "data=chat", "data.path={ws}/chat-content-list.jsonl"],
+     "chat-content-list.jsonl:1"),
+    ("chat-no-assistant-turn", ["train", "data=chat", "data.path={ws}/chat-no-assistant.jsonl"],
+     "chat-no-assistant.jsonl:1: no assistant message"),
+    ("chat-hf-no-assistant-turn", ["train", "data=chat", "data.format=hf", "data.path={ws}/hf-chat"],
+     "hf-chat row 1: no assistant message"),
+    ("chat-template-not-jinja", ["train", "data=chat", "data.path={ws}/chat.jsonl", "data.chat_template={ws}/bad.jinja"],
+     "bad.jinja"),
+    ("chat-template-file-missing", ["train", "data=chat", "data.path={ws}/chat.jsonl", "data.chat_template=nope.jinja"],
+     "data.chat_template='nope.jinja'"),
+    ("instructions-read-as-chat", ["train", "data=json", "data.format=chat", "data.path={ws}/missing-field.jsonl"],
+     "missing-field.jsonl:1: missing field 'messages'"),
+    ("chat-key-on-instructions", ["train", "data.chat_template=chatml"], "data.chat_template"),
+    ("chat-all-cut-before-an-answer", ["train", "data=chat", "data.path={ws}/chat.jsonl", "data.max_length=8"],
+     "data.max_length"),
+    ("packing-a-text-corpus", ["train", "data=text", "data.path={ws}/blank.txt", "data.packing=true"], "data.packing"),
+    ("packing-rows-too-short", ["train", "data.packing=true", "data.max_length=100"], "data.max_length=100"),
+    ("epochs-and-steps", ["train", "train.num_epochs=2"], "train.max_steps=null"),
+    ("neither-epochs-nor-steps", ["train", "train.max_steps=null"], "train.num_epochs"),
+    ("epochs-zero", ["train", "train.max_steps=null", "train.num_epochs=0"], "train.num_epochs=0"),
     ("run-dir-not-writable", ["train", "run_dir={ws}/a-file/run"], "a-file"),
     ("run-dir-is-a-file", ["train", "run_dir={ws}/a-file"], "a-file' is a file"),
     ("existing-run", ["train", "run_dir={run}"], "{run} already holds a run"),
@@ -493,6 +530,12 @@ BAD_INPUTS = [
     ("export-rank-the-run-lacks", ["export", "run_dir={run}", "rank=99"], "rank=99"),
     ("export-format-unknown", ["export", "run_dir={run}", "rank=2", "format=onnx"], "format='onnx'"),
     ("export-not-a-run", ["export", "run_dir={ws}/run", "rank=2"], "{ws}/run is not a qdylora run directory"),
+    ("eval-chat-unknown-role", ["eval", "run_dir={run}", "data=chat", "data.path={ws}/chat-bad-role.jsonl"],
+     "chat-bad-role.jsonl:2"),
+    ("eval-chat-task-without-answer", ["eval", "run_dir={run}", "task=gsm8k", "data=chat",
+                                       "data.path={ws}/chat-ends-with-user.jsonl"], "chat-ends-with-user.jsonl:1"),
+    ("eval-packing", ["eval", "run_dir={run}", "data=chat", "data.path={ws}/chat.jsonl", "data.packing=true"],
+     "data.packing"),
     ("eval-unfinished-run", ["eval", "run_dir={ws}/unfinished"], "{ws}/unfinished has no finished adapter"),
     ("export-unfinished-run", ["export", "run_dir={ws}/unfinished", "rank=2"], "{ws}/unfinished"),
     ("eval-out-dir-not-writable", ["eval", "run_dir={run}", "max_batches=1", "out_dir={ws}/a-file/eval"], "a-file"),
