@@ -28,6 +28,7 @@ from qdylora_cli.errors import QdyloraError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+FEW_EXAMPLES = 16  # fewer training examples than this: a warning (a wrong file, or a test?)
 MEGABATCH = 50  # group_by_length sorts within windows of this many batches
 
 # The Stanford Alpaca prompt, with and without an input.
@@ -70,6 +71,14 @@ def _read_text(path: Path) -> str:
 def read_json_records(path: Path) -> list[tuple[str, Any]]:
     """Records of a JSON list or JSONL file, each with where it came from (`file:line` or `file record i`)."""
     text = _read_text(path)
+    if path.suffix != ".jsonl" and text.lstrip().startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # several lines of objects: JSONL, read below
+        if isinstance(whole, dict):
+            raise QdyloraError(f"{path}: one JSON object, not a list of records; put the records in a JSON list "
+                               "[{...}, {...}] or one per line (JSONL)")
     if path.suffix != ".jsonl" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -257,6 +266,9 @@ def load_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
     if not train:
         raise QdyloraError(f"{cfg.path}: no training examples left "
                            "(check data.val_fraction, data.block_size and data.max_length)")
+    if len(train) < FEW_EXAMPLES:
+        log.warning("only %d training example%s in %s: is this the file you meant?", len(train),
+                    "s" * (len(train) > 1), cfg.path)
     return train, val
 
 

@@ -110,3 +110,13 @@ def test_a_cpu_run_uses_float32_without_checkpointing_and_says_so(tmp_path):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert (saved["model"]["dtype"], saved["train"]["mixed_precision"], saved["train"]["gradient_checkpointing"]) == (
         "float32", "no", False)
+
+
+def test_a_handful_of_examples_trains_with_a_warning_and_the_count(tmp_path):
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in ("a", "b", "c")))
+    done = qdylora("train", *TINY, f"run_dir={tmp_path / 'run'}", "data=json", f"data.path={data}", "data.val_fraction=0",
+                   "train.max_steps=1", "train.eval_every=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"warning: only 3 training examples in {data}: is this the file you meant?" in done.stderr
+    assert "data: 3 training examples" in done.stderr

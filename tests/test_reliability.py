@@ -405,6 +405,7 @@ def workspace(tmp_path_factory) -> Path:
     pad_eos.save_pretrained(ws / "no-pad-tokenizer")
     good = '{"instruction": "Reverse the word.", "input": "cat", "output": "tac"}\n'
     (ws / "empty.jsonl").write_text("")
+    (ws / "one-object.json").write_text('{"instruction": "Reverse the word.", "input": "cat", "output": "tac"}\n')
     (ws / "truncated.json").write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "outp')
     (ws / "not-json.jsonl").write_text(good * 2 + "instruction: a\n")
     (ws / "missing-field.jsonl").write_text(good + '{"instruction": "a"}\n')
@@ -483,6 +484,8 @@ BAD_INPUTS = [
     ("data-file-missing", ["train", "data=json", "data.path={ws}/nope.jsonl"], "data.path"),
     ("data-path-required", ["train", "data=json"], "data.path"),
     ("empty-dataset", ["train", "data=json", "data.path={ws}/empty.jsonl"], "empty.jsonl"),
+    ("one-object-not-records", ["train", "data=json", "data.path={ws}/one-object.json"],
+     "{ws}/one-object.json: one JSON object, not a list of records"),
     ("truncated-json", ["train", "data=json", "data.path={ws}/truncated.json"], "truncated.json:1"),
     ("jsonl-line-not-json", ["train", "data=json", "data.path={ws}/not-json.jsonl"], "not-json.jsonl:3"),
     ("missing-field", ["train", "data=json", "data.path={ws}/missing-field.jsonl"], "missing-field.jsonl:2"),
