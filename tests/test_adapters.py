@@ -322,6 +322,51 @@ def test_checkpointed_forward_with_dropout_matches_the_plain_one():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("mode", ["full", "frozen"])
+def test_dropout_is_one_mask_on_the_input_with_the_exact_gradient(mode):
+    adapter = make_adapter(mode=mode, dropout=0.3)
+    adapter.rank = 4
+    x = torch.randn(5, 24, requires_grad=True)
+    torch.manual_seed(7)
+    adapter(x).pow(2).sum().backward()
+    got = [adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone(), x.grad.clone()]
+
+    torch.manual_seed(7)  # the same draw, written out: dropout(x)·A[:4]ᵀ·B[:, :4]ᵀ
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.7)
+    w, bias, A, B = weights(adapter)
+    A, B, x2 = A.requires_grad_(), B.requires_grad_(), x.detach().clone().requires_grad_()
+    ref = F.linear(x2, w, bias) + (ALPHA / 4) * (x2 * keep / 0.7) @ A[:4].T @ B[:, :4].T
+    ref.pow(2).sum().backward()
+    want = [A.grad, B.grad, x2.grad]
+    if mode == "frozen":  # only slice 4 trains
+        want[0] = torch.zeros_like(A.grad).index_copy_(0, torch.tensor([3]), A.grad[3:4])
+        want[1] = torch.zeros_like(B.grad).index_copy_(1, torch.tensor([3]), B.grad[:, 3:4])
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_keeps_a_mask_for_backward_not_a_copy_of_the_input():
+    """q, k and v adapt the same input: backward keeps that input once and a byte-per-value mask each."""
+    layers = [make_adapter(dropout=0.1, seed=i, bias=False) for i in range(3)]
+    for layer in layers:
+        layer.train()
+    x = torch.randn(64, 24, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.numel() == x.numel():  # x, a copy of it, or a mask over it
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = [layer(x) for layer in layers]
+    activations = sum(saved.values())
+    # x (4 bytes a value) once and three masks (1 byte): 7 bytes a value; copies of x would be 12 or more.
+    assert activations <= 7 * x.numel(), activations / x.numel()
+    sum(o.sum() for o in outputs).backward()
+    assert x.grad is not None
+
+
 def test_bad_ranks_and_options_are_clear_errors():
     adapter = make_adapter()
     for bad in (-1, R_MAX + 1, 2.0, True, (), (1, R_MAX + 1)):
