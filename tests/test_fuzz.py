@@ -67,15 +67,6 @@ def finished(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- every choice, through the code that uses it -----------------------------------------------------
 
@@ -94,7 +85,7 @@ CHOICES = [
 
 
 @pytest.mark.parametrize(("key", "value"), [(k, v) for k, values in CHOICES for v in values])
-def test_every_choice_trains_or_is_refused_before_the_run_dir_exists(key, value, tmp_path, capsys, one_thread):
+def test_every_choice_trains_or_is_refused_before_the_run_dir_exists(key, value, tmp_path, capsys):
     run_dir = tmp_path / "run"
     extra = ["adapter.mode=full"] if value == "fixed" else []  # a fixed rank needs mode full, said in its own line
     code, err = run_cli(["train", *QUICK, f"run_dir={run_dir}", f"{key}={value}", *extra], capsys)
@@ -168,7 +159,7 @@ def mistakes(schema: type, seed: int, count: int) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("overrides", mistakes(TrainConfig, seed=7, count=30), ids=lambda o: " ".join(o))
-def test_random_train_settings_end_in_success_or_one_error_line(overrides, tmp_path, capsys, one_thread):
+def test_random_train_settings_end_in_success_or_one_error_line(overrides, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, err = run_cli(["train", *QUICK, f"run_dir={run_dir}", *overrides], capsys)
     assert code in (0, 1, 2)
@@ -182,8 +173,7 @@ def test_random_train_settings_end_in_success_or_one_error_line(overrides, tmp_p
     + [("export", o) for o in mistakes(ExportConfig, seed=13, count=8)],
     ids=lambda o: o if isinstance(o, str) else " ".join(o),
 )
-def test_random_eval_and_export_settings_never_change_the_run(command, overrides, finished, tmp_path, capsys,
-                                                            one_thread):
+def test_random_eval_and_export_settings_never_change_the_run(command, overrides, finished, tmp_path, capsys):
     run_dir = tmp_path / "copy"
     shutil.copytree(finished, run_dir)
     before = snapshot(run_dir)

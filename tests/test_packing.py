@@ -174,13 +174,6 @@ def test_check_packing_catches_a_model_that_ignores_the_restarts(stories260k, al
 # --- training: resume, epochs ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -199,7 +192,7 @@ def _batches_per_epoch(cfg, epochs):
     return examples, [len(packed_batch_order(lengths, 2, cfg.train.seed, e, 192)) for e in range(epochs)]
 
 
-def test_resume_with_packing_is_bit_identical(tmp_path, one_thread):
+def test_resume_with_packing_is_bit_identical(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train.run(_packed_tiny(straight))
     train.run(_packed_tiny(crashed))
@@ -217,7 +210,7 @@ def test_resume_with_packing_is_bit_identical(tmp_path, one_thread):
     assert state == {"step": 6, "epoch": 1, "index": 12 - first}
 
 
-def test_num_epochs_sets_the_steps_and_the_run_says_so(tmp_path, caplog, one_thread):
+def test_num_epochs_sets_the_steps_and_the_run_says_so(tmp_path, caplog):
     cfg = _packed_tiny(tmp_path / "epochs", "train.max_steps=null", "train.num_epochs=2", "train.save_every=0")
     with caplog.at_level(logging.INFO, logger="qdylora_cli.data"):
         train.run(cfg)

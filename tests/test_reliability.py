@@ -197,14 +197,6 @@ def straight(runs) -> Path:
     return runs["straight"]["dir"]
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training on one thread, like the subprocesses (and kinder to a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _error_line(stderr: str) -> str:
     """The one `error:` line of a failed command: the last line on stderr (logs may come before it), no traceback."""
@@ -274,7 +266,7 @@ def test_damaged_or_partial_newest_checkpoint_is_skipped_with_a_warning(runs, na
     assert verify_dir(run["dir"] / "checkpoints" / newest) is None, "the damaged checkpoint is written anew"
 
 
-def test_resume_before_the_first_checkpoint_starts_over(tmp_path, one_thread):
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
     """Killed before its first checkpoint: resume=true starts again from step 0 (nothing was saved to lose)."""
     args = ["train", "+recipe=tiny", "train.max_steps=4", "train.save_every=10", "train.eval_every=0",
             "train.log_every=1", "adapter.dropout=0.1"]
@@ -331,7 +323,7 @@ def _poison(monkeypatch, loss_steps: set[int] | range, grad_steps: set[int]) -> 
     monkeypatch.setattr(train, "build_training_model", build)
 
 
-def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, capsys, one_thread):
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "nan"
     # Step 3: a NaN gradient (finite loss); steps 8 on: NaN loss. max_bad_steps=3 stops it at step 10.
     _poison(monkeypatch, loss_steps=range(8, 100), grad_steps={3})
@@ -358,7 +350,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
 # --- no silent overwrite -------------------------------------------------------------------------
 
 
-def test_overwrite_true_replaces_the_old_run(tmp_path, straight, one_thread):
+def test_overwrite_true_replaces_the_old_run(tmp_path, straight):
     run_dir = tmp_path / "replaced"
     shutil.copytree(straight, run_dir)
     (run_dir / "eval").mkdir()
@@ -373,7 +365,7 @@ def test_overwrite_true_replaces_the_old_run(tmp_path, straight, one_thread):
     assert "max_steps: 3" in (run_dir / "config.yaml").read_text()
 
 
-def test_a_tokenizer_without_pad_token_pads_with_eos(workspace, tmp_path, one_thread):
+def test_a_tokenizer_without_pad_token_pads_with_eos(workspace, tmp_path):
     run_dir = tmp_path / "eos-pad"
     with pytest.raises(SystemExit) as exit_:
         cli.main(["train", "+recipe=tiny", f"run_dir={run_dir}", f"model.tokenizer={workspace / 'eos-only-tokenizer'}",
@@ -643,8 +635,7 @@ def test_a_run_has_one_writer_and_the_others_stop_at_once_naming_it(tmp_path):
 # --- out of memory -----------------------------------------------------------------------------------
 
 
-def test_out_of_memory_is_one_line_with_the_step_the_settings_and_the_last_checkpoint(tmp_path, monkeypatch, capsys,
-                                                                                       one_thread):
+def test_out_of_memory_is_one_line_with_the_step_the_settings_and_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "oom"
     real = train.build_training_model
 
