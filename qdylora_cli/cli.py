@@ -29,8 +29,6 @@ from qdylora_cli.config import (
     TrainConfig,
     absolute_paths,
     flat_config,
-    load_eval_source,
-    load_run_config,
     to_typed,
     unflatten,
     unknown_key_message,
@@ -42,6 +40,7 @@ from qdylora_cli.config import (
 from qdylora_cli.errors import Interrupted, QdyloraError, is_out_of_memory
 from qdylora_cli.helptext import conf_comments, key_rows, key_table
 from qdylora_cli.logs import quiet_libraries, setup_logging
+from qdylora_cli.rundir import CONFIG, load_eval_source, load_run_config
 
 COMMANDS = {
     "train": "fine-tune a model: one run trains every adapter rank 1..r_max",
@@ -211,7 +210,7 @@ def compose_config(
                                "records), data=text (plain text) or data=alpaca (a Hugging Face dataset); without it "
                                "the built-in toy data's settings would apply")
         cfg = validate_train(cfg)
-        if cfg.train.resume and (Path(cfg.run_dir) / "config.yaml").is_file():
+        if cfg.train.resume and (Path(cfg.run_dir) / CONFIG).is_file():
             cfg = _resumed(cfg, extra, config_dir)
         return cfg
     if recipe:

@@ -7,8 +7,6 @@ paths. Every problem becomes one `QdyloraError` line naming the key and what was
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -43,7 +41,6 @@ from qdylora_cli.errors import QdyloraError
 
 EVAL_TASKS = ("none", "gsm8k", "mcq")
 EXPORT_FORMATS = ("peft", "merged")
-EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run it came from
 BUILTIN_DATA = ("builtin:tiny-instructions",)
 
 
@@ -619,61 +616,3 @@ def unflatten(flat: dict[str, Any]) -> DictConfig:
             node = node.setdefault(part, {})
         node[last] = value
     return OmegaConf.create(tree)
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML with absolute paths, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    text = OmegaConf.to_yaml(OmegaConf.structured(absolute_paths(cfg)), resolve=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The typed train config a run was made with (paths are not re-checked: eval may run elsewhere)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise QdyloraError(f"{run_dir} is not a qdylora run directory (it has no config.yaml)")
-    try:
-        node = OmegaConf.load(path)
-    except Exception as e:  # any YAML problem is the file's fault
-        raise QdyloraError(f"{path}: not a readable config ({str(e).splitlines()[0]})") from None
-    return validate_train(to_typed("train", upgrade_saved_config(node)), check_paths=False)
-
-
-def upgrade_saved_config(node: DictConfig) -> DictConfig:
-    """A run config saved by qdylora 0.1, with the values that reproduce it for keys added since.
-
-    0.1 scaled rank b by α/b and drew one rank per step; its bitsandbytes optimizers became adamw.
-    """
-    node = OmegaConf.create(OmegaConf.to_container(node))  # a copy, without the struct flag
-    if "adapter" in node and "scale" not in node.adapter:
-        node.adapter.scale = "alpha_over_rank"
-    if "rank_schedule" in node and "ranks_per_step" not in node.rank_schedule:
-        node.rank_schedule.ranks_per_step = 1
-    if "optimizer" in node and node.optimizer.get("name") in RETIRED_OPTIMIZERS:
-        node.optimizer.name = "adamw"
-    return node
-
-
-def load_export_info(path: str | Path) -> dict[str, Any] | None:
-    """What `qdylora export` recorded in a merged model directory (rank, source run, its config); else None."""
-    info = Path(path) / EXPORT_INFO
-    if not info.is_file():
-        return None
-    try:
-        return json.loads(info.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QdyloraError(f"{info}: not readable JSON ({e})") from None
-
-
-def load_eval_source(path: str | Path) -> tuple[TrainConfig, int | None]:
-    """The train config behind a run dir or a merged export, and the export's rank (None for a run)."""
-    info = None if (Path(path) / "config.yaml").is_file() else load_export_info(path)
-    if info is None:
-        return load_run_config(path), None
-    if "run_config" not in info or "rank" not in info:
-        raise QdyloraError(f"{Path(path) / EXPORT_INFO}: missing run_config or rank; re-export the model")
-    cfg = validate_train(to_typed("train", upgrade_saved_config(OmegaConf.create(info["run_config"]))), check_paths=False)
-    return cfg, int(info["rank"])

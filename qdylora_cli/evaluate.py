@@ -38,13 +38,10 @@ from qdylora_cli.chat import (
     resolve_template,
     tokenize_conversations,
 )
-from qdylora_cli.checkpoint import atomic_dir, check_writable
 from qdylora_cli.config import (
     DataConfig,
     EvalConfig,
     is_chat,
-    load_eval_source,
-    load_export_info,
     parse_rank_spec,
 )
 from qdylora_cli.data import (
@@ -59,7 +56,14 @@ from qdylora_cli.data import (
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.loading import load_quantized
 from qdylora_cli.model import load_run_model, load_tokenizer, torch_dtype
-from qdylora_cli.rundir import note_if_training
+from qdylora_cli.rundir import (
+    EVAL,
+    atomic_dir,
+    check_writable,
+    load_eval_source,
+    load_export_info,
+    note_if_training,
+)
 from qdylora_cli.sampling import Sampling, SharedNoiseSampler
 
 if TYPE_CHECKING:
@@ -463,7 +467,7 @@ def eval_dir(cfg: EvalConfig) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
     task = "loss" if cfg.task == "none" else cfg.task
-    return Path(cfg.run_dir) / "eval" / f"{task}-{data_name(cfg.data)}"
+    return Path(cfg.run_dir) / EVAL / f"{task}-{data_name(cfg.data)}"
 
 
 def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[TaskExample] | None,

@@ -22,11 +22,20 @@ from transformers import PreTrainedTokenizerBase
 
 from qdylora_cli.adapters import merge_adapters
 from qdylora_cli.chat import resolve_template
-from qdylora_cli.checkpoint import atomic_dir, check_writable, load_adapter
-from qdylora_cli.config import EXPORT_INFO, ExportConfig, TrainConfig, is_chat, load_run_config
+from qdylora_cli.config import ExportConfig, TrainConfig, is_chat
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.model import BASE_MODEL_DIR, load_run_model, load_run_tokenizer, torch_dtype
-from qdylora_cli.rundir import note_if_training
+from qdylora_cli.model import load_run_model, load_run_tokenizer, torch_dtype
+from qdylora_cli.rundir import (
+    ADAPTER,
+    BASE_MODEL,
+    EXPORT,
+    EXPORT_INFO,
+    atomic_dir,
+    check_writable,
+    load_adapter,
+    load_run_config,
+    note_if_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +44,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def export_dir(cfg: ExportConfig) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / "export" / f"rank-{cfg.rank}-{cfg.format}"
+    return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / EXPORT / f"rank-{cfg.rank}-{cfg.format}"
 
 
 def peft_alpha(scale: str, alpha: float, r_max: int, b: int) -> tuple[float, bool]:
@@ -87,10 +96,10 @@ def _with_chat_template(run_cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase
 
 
 def _export_peft(cfg: ExportConfig, out: Path) -> None:
-    weights, meta = load_adapter(Path(cfg.run_dir) / "adapter")
+    weights, meta = load_adapter(Path(cfg.run_dir) / ADAPTER)
     state, config = peft_adapter(weights, meta, cfg.rank)
-    if meta["base_model"] == BASE_MODEL_DIR:  # built from a config: the run keeps the model it trained on
-        config["base_model_name_or_path"] = str((Path(cfg.run_dir) / BASE_MODEL_DIR).resolve())
+    if meta["base_model"] == BASE_MODEL:  # built from a config: the run keeps the model it trained on
+        config["base_model_name_or_path"] = str((Path(cfg.run_dir) / BASE_MODEL).resolve())
     run_cfg = load_run_config(cfg.run_dir)
     chat = is_chat(run_cfg.data)
     tokenizer = _with_chat_template(run_cfg, load_run_tokenizer(Path(cfg.run_dir), meta)) if chat else None

@@ -20,12 +20,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qdylora_cli.checkpoint import atomic_write_text, check_writable
-from qdylora_cli.config import DataConfig, GenerateConfig, load_eval_source, parse_rank_spec
+from qdylora_cli.config import DataConfig, GenerateConfig, parse_rank_spec
 from qdylora_cli.data import format_prompt, read_json_records
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import generate_at_ranks, load_run_or_export
-from qdylora_cli.rundir import note_if_training
+from qdylora_cli.rundir import atomic_write_text, check_writable, load_eval_source, note_if_training
 from qdylora_cli.sampling import Sampling
 
 JSON_SUFFIXES = (".jsonl", ".json")

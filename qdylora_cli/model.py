@@ -17,14 +17,13 @@ from transformers import (
 )
 
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict
-from qdylora_cli.checkpoint import ADAPTER_CONFIG, atomic_dir, load_adapter
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.loading import dtype_kwarg, load_quantized
+from qdylora_cli.rundir import ADAPTER, ADAPTER_CONFIG, BASE_MODEL, atomic_dir, load_adapter
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BASE_MODEL_DIR = "base_model"  # inside a run dir, for models built from a config
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -135,7 +134,7 @@ def build_training_model(
     )
     base = copy.deepcopy(model) if m.config is not None and keep_base else None
     if m.config is not None:
-        base_ref = BASE_MODEL_DIR
+        base_ref = BASE_MODEL
     else:
         local = Path(m.name_or_path).expanduser()
         base_ref = str(local.resolve()) if local.exists() else m.name_or_path
@@ -172,7 +171,7 @@ def build_training_model(
 
 def save_base_model(run_dir: Path, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """The unquantized weights and tokenizer of a config-built model, as `run_dir/base_model` (atomic)."""
-    with atomic_dir(Path(run_dir) / BASE_MODEL_DIR, overwrite=True) as tmp:
+    with atomic_dir(Path(run_dir) / BASE_MODEL, overwrite=True) as tmp:
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -193,7 +192,7 @@ def load_run_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Rebuild a trained run: base model, the same quantization and targets, and its adapter weights."""
     run_dir = Path(run_dir)
-    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir / "adapter"
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir / ADAPTER
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise QdyloraError(f"{run_dir} has no finished adapter ({adapter_dir / ADAPTER_CONFIG} is missing)")
     weights, meta = load_adapter(adapter_dir)

@@ -20,14 +20,13 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from qdylora_cli.checkpoint import atomic_write_text
 from qdylora_cli.config import flat_config
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.logs import console
+from qdylora_cli.rundir import METRICS, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 

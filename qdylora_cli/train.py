@@ -37,8 +37,7 @@ from qdylora_cli.adapters import (
     set_rank,
     trained_slices,
 )
-from qdylora_cli.checkpoint import latest_good_checkpoint, save_adapter, save_checkpoint
-from qdylora_cli.config import TrainConfig, save_config
+from qdylora_cli.config import TrainConfig
 from qdylora_cli.data import (
     BatchStream,
     check_packing,
@@ -64,7 +63,20 @@ from qdylora_cli.model import (
     save_base_model,
 )
 from qdylora_cli.progress import Reporter, trackers
-from qdylora_cli.rundir import ADAPTER, BASE_MODEL, CONFIG, LOGS, RunLock, clear_old_run, prepare_run_dir
+from qdylora_cli.rundir import (
+    ADAPTER,
+    ADAPTER_WEIGHTS,
+    BASE_MODEL,
+    CONFIG,
+    LOGS,
+    RunLock,
+    clear_old_run,
+    latest_good_checkpoint,
+    prepare_run_dir,
+    save_adapter,
+    save_checkpoint,
+    save_config,
+)
 from qdylora_cli.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -306,7 +318,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
         save_base_model(run_dir, base, tokenizer)
         del base
     if resume_from is not None:  # before FSDP splits the adapters into shards
-        load_adapter_state_dict(model, load_file(str(resume_from / "adapter.safetensors")))
+        load_adapter_state_dict(model, load_file(str(resume_from / ADAPTER_WEIGHTS)))
     if fsdp:
         make_nf4_shardable(model)
     if t.gradient_checkpointing:
@@ -453,7 +465,7 @@ def save_training_checkpoint(s: Session) -> Path:
              "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
 
     def write(tmp: Path) -> None:
-        save_file(adapters, str(tmp / "adapter.safetensors"))
+        save_file(adapters, str(tmp / ADAPTER_WEIGHTS))
         torch.save(optimizer_state_dict, tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": s.step, **s.batches.state_dict()}))

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from qdylora_cli import cli
-from qdylora_cli.config import SCHEMAS, EvalConfig, TrainConfig, save_config
+from qdylora_cli.config import SCHEMAS, EvalConfig, TrainConfig
+from qdylora_cli.rundir import save_config
 
 REPO = Path(__file__).resolve().parents[1]
 

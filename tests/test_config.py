@@ -20,11 +20,10 @@ from qdylora_cli.config import (
     QuantConfig,
     RankScheduleConfig,
     TrainConfig,
-    load_run_config,
     parse_rank_spec,
-    save_config,
 )
 from qdylora_cli.errors import QdyloraError
+from qdylora_cli.rundir import load_run_config, save_config
 
 
 def test_train_defaults_match_schema_defaults():

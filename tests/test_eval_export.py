@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 from qdylora_cli import cli, train
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict, set_rank
-from qdylora_cli.checkpoint import load_adapter
 from qdylora_cli.cli import compose_config
 from qdylora_cli.config import DataConfig, EvalConfig
 from qdylora_cli.data import load_datasets
@@ -26,6 +25,7 @@ from qdylora_cli.evaluate import (
     recommend,
 )
 from qdylora_cli.model import load_run_model
+from qdylora_cli.rundir import load_adapter
 
 
 def _train(run_dir, *extra):

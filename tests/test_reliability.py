@@ -27,9 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from qdylora_cli import cli, train
-from qdylora_cli.checkpoint import checkpoint_dirs, verify_dir
 from qdylora_cli.cli import compose_config
-from qdylora_cli.config import save_config
+from qdylora_cli.rundir import checkpoint_dirs, save_config, verify_dir
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
