@@ -61,3 +61,11 @@ def test_bench_packing_compares_packed_and_padded_training():
     assert [r[0] for r in rows] == ["padded", "padded, grouped", "packed"]
     padding = {name: float(p) for name, p, *_ in rows}
     assert padding["packed"] < padding["padded"] / 3 and rows[0][3] == "1.00"
+
+
+def test_the_gpu_benchmark_script_is_valid_bash_and_runs_every_gpu_benchmark():
+    script = SCRIPTS / "gpu_benchmarks.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for bench in ("bench_train.py", "bench_falcon40b_memory.py", "bench_eval.py"):
+        assert bench in text
