@@ -303,6 +303,8 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     # Under FSDP the model is loaded to the CPU and each GPU receives only its shards at `prepare`.
     model, meta, base = build_training_model(cfg, tokenizer=tokenizer, keep_base=keep_base, quantize_device=accelerator.device,
                                              device=torch.device("cpu") if fsdp else accelerator.device)
+    if cfg.data.packing:  # refuse a model that would let packed examples see each other
+        check_packing(model, train_set, torch.device("cpu") if fsdp else accelerator.device)
 
     if not run_dir.is_dir():
         if main:
@@ -333,8 +335,6 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     warmup = math.ceil(cfg.optimizer.warmup_ratio * max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_lambda(cfg.optimizer.scheduler, max_steps, warmup))
     prepared, optimizer = accelerator.prepare(model, adamw)
-    if cfg.data.packing:  # refuse a model that would let packed examples see each other
-        check_packing(accelerator.unwrap_model(prepared), train_set, accelerator.device)
     pad = tokenizer.pad_token_id
     session = Session(
         cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=prepared, optimizer=optimizer, adamw=adamw,
