@@ -41,6 +41,7 @@ from qdylora_cli.chat import (
 from qdylora_cli.config import (
     DataConfig,
     EvalConfig,
+    QuantConfig,
     is_chat,
     parse_rank_spec,
 )
@@ -449,7 +450,7 @@ def load_run_or_export(run_dir: Path, merged_rank: int | None, device: torch.dev
         model, tokenizer, _ = load_run_model(run_dir, device=device)
         return model, tokenizer
     dtype = torch_dtype(load_export_info(run_dir)["dtype"])  # the plain float model, read like any other
-    model = load_quantized(str(run_dir), dtype=dtype, quant="none", device=device).eval()
+    model = load_quantized(str(run_dir), dtype=dtype, quant=QuantConfig(type="none"), device=device).eval()
     return model, load_tokenizer(str(run_dir))
 
 

@@ -1,9 +1,9 @@
-"""Load the tokenizer and base model, quantize it and add dynamic-rank adapters; rebuild a trained run."""
+"""Load the tokenizer and the base model (quantized by the loader), add dynamic-rank adapters; rebuild a trained run."""
 
 from __future__ import annotations
 
-import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,9 @@ from transformers import (
 )
 
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict
+from qdylora_cli.config import ModelConfig, QuantConfig, TrainConfig
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.loading import dtype_kwarg, load_quantized
+from qdylora_cli.loading import dtype_kwarg, load_quantized, quantize_model
 from qdylora_cli.rundir import ADAPTER, ADAPTER_CONFIG, BASE_MODEL, atomic_dir, load_adapter
 
 log = logging.getLogger(__name__)
@@ -52,38 +53,27 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
 
 
 def load_base_model(
-    name_or_path: str | None,
-    *,
-    dtype: torch.dtype,
-    quant: dict[str, Any],
-    target_modules: tuple[str, ...],
-    config: dict[str, Any] | None = None,
-    init_seed: int = 0,
-    trust_remote_code: bool = False,
-    device: torch.device | None = None,
-    quantize_device: torch.device | None = None,
-) -> PreTrainedModel:
-    """The base model without adapters: built from `config` (fresh float weights from `init_seed`), or
-    read from a path/hub id shard by shard with its target layers quantized as they are read
-    (loading.py; on `device`, default CUDA if present). `inject_adapters` quantizes what is still float."""
-    if config is not None:
-        config = dict(config)
-        hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            model = AutoModelForCausalLM.from_config(hf_config, **dtype_kwarg(dtype))
-        return model
-    return load_quantized(
-        name_or_path,
-        dtype=dtype,
-        quant=quant["type"],
-        target_modules=target_modules,
-        double_quant=quant["double_quant"],
-        blocksize=quant["blocksize"],
-        device=device,
-        quantize_device=quantize_device,
-        trust_remote_code=trust_remote_code,
-    )
+    m: ModelConfig, quant: QuantConfig, target_modules: Sequence[str], *,
+    device: torch.device | None = None, quantize_device: torch.device | None = None, keep_float: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedModel | None]:
+    """The base model without adapters, its target layers quantized as `quant` says (loading.py), and,
+    with `keep_float`, the float model of a config-built one (what its run saves as `base_model/`).
+
+    `m.config` builds fresh float weights from `m.init_seed`; `m.name_or_path` is read shard by shard
+    (on `device`, default CUDA if present).
+    """
+    dtype = torch_dtype(m.dtype)
+    if m.config is None:
+        model = load_quantized(m.name_or_path, dtype=dtype, quant=quant, target_modules=target_modules, device=device,
+                               quantize_device=quantize_device, trust_remote_code=m.trust_remote_code)
+        return model, None
+    config = dict(m.config)
+    hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(m.init_seed)
+        float_model = AutoModelForCausalLM.from_config(hf_config, **dtype_kwarg(dtype))
+    model = quantize_model(float_model, quant=quant, target_modules=target_modules, dtype=dtype, device=device)
+    return model, float_model if keep_float else None
 
 
 def context_length(m: Any) -> int | None:
@@ -112,9 +102,8 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 def build_training_model(
-    cfg: Any,
+    cfg: TrainConfig,
     *,
-    tokenizer: PreTrainedTokenizerBase,
     device: torch.device | None = None,
     quantize_device: torch.device | None = None,
     keep_base: bool = True,
@@ -126,32 +115,15 @@ def build_training_model(
     the recipe. Other models are their own reference (a path or hub id): nothing to save.
     """
     m, a, q = cfg.model, cfg.adapter, cfg.quant
-    dtype = torch_dtype(m.dtype)
-    quant = {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize}
-    model = load_base_model(
-        m.name_or_path, dtype=dtype, quant=quant, target_modules=tuple(a.target_modules), config=m.config,
-        init_seed=m.init_seed, trust_remote_code=m.trust_remote_code, device=device, quantize_device=quantize_device,
-    )
-    base = copy.deepcopy(model) if m.config is not None and keep_base else None
+    model, base = load_base_model(m, q, a.target_modules, device=device, quantize_device=quantize_device,
+                                  keep_float=keep_base)
     if m.config is not None:
         base_ref = BASE_MODEL
     else:
         local = Path(m.name_or_path).expanduser()
         base_ref = str(local.resolve()) if local.exists() else m.name_or_path
-    adapted = inject_adapters(
-        model,
-        r_max=a.r_max,
-        alpha=a.alpha,
-        dropout=a.dropout,
-        mode=a.mode,
-        variant=a.variant,
-        scale=a.scale,
-        target_modules=tuple(a.target_modules),
-        quant=q.type,
-        double_quant=q.double_quant,
-        blocksize=q.blocksize,
-        compute_dtype=dtype,
-    )
+    adapted = inject_adapters(model, r_max=a.r_max, alpha=a.alpha, dropout=a.dropout, mode=a.mode, variant=a.variant,
+                              scale=a.scale, target_modules=a.target_modules)
     meta = {
         "base_model": base_ref,
         "tokenizer": base_ref if m.config is not None else (m.tokenizer or base_ref),
@@ -164,7 +136,7 @@ def build_training_model(
         "mode": a.mode,
         "variant": a.variant,
         "scale": a.scale,
-        "quant": quant,
+        "quant": {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize},
     }
     return model, meta, base
 
@@ -196,26 +168,18 @@ def load_run_model(
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise QdyloraError(f"{run_dir} has no finished adapter ({adapter_dir / ADAPTER_CONFIG} is missing)")
     weights, meta = load_adapter(adapter_dir)
-    compute = torch_dtype(dtype or meta["dtype"])
     tokenizer = load_run_tokenizer(run_dir, meta)
-    q = meta["quant"]
-    model = load_base_model(
-        _resolve(meta["base_model"], run_dir), dtype=compute, quant=q, target_modules=tuple(meta["target_modules"]),
-        trust_remote_code=meta["trust_remote_code"], device=device,
-    )
+    base = ModelConfig(name_or_path=_resolve(meta["base_model"], run_dir), dtype=dtype or meta["dtype"],
+                       trust_remote_code=meta["trust_remote_code"])
+    model, _ = load_base_model(base, QuantConfig(**meta["quant"]), meta["target_modules"], device=device)
     inject_adapters(
         model,
         r_max=meta["r_max"],
         alpha=meta["alpha"],
-        dropout=0.0,
         mode=meta["mode"],
         variant=meta["variant"],
         scale=meta.get("scale", "alpha_over_rank"),  # adapters saved before scales were a choice used α/b
-        target_modules=tuple(meta["target_modules"]),
-        quant=q["type"],
-        double_quant=q["double_quant"],
-        blocksize=q["blocksize"],
-        compute_dtype=compute,
+        target_modules=meta["target_modules"],
     )
     load_adapter_state_dict(model, weights)
     model.eval()

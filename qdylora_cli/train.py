@@ -301,7 +301,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     fsdp = _fsdp2(accelerator)
     keep_base = main and cfg.model.config is not None and not (resume_from and (run_dir / BASE_MODEL).is_dir())
     # Under FSDP the model is loaded to the CPU and each GPU receives only its shards at `prepare`.
-    model, meta, base = build_training_model(cfg, tokenizer=tokenizer, keep_base=keep_base, quantize_device=accelerator.device,
+    model, meta, base = build_training_model(cfg, keep_base=keep_base, quantize_device=accelerator.device,
                                              device=torch.device("cpu") if fsdp else accelerator.device)
     if cfg.data.packing:  # refuse a model that would let packed examples see each other
         check_packing(model, train_set, torch.device("cpu") if fsdp else accelerator.device)

@@ -27,7 +27,9 @@ from qdylora_cli.adapters import (
     set_rank,
     trained_slices,
 )
+from qdylora_cli.config import QuantConfig
 from qdylora_cli.errors import QdyloraError
+from qdylora_cli.loading import quantize_model
 from qdylora_cli.quant import NF4Linear
 
 R_MAX, ALPHA = 6, 4.0
@@ -471,11 +473,13 @@ def _train(model, ids, steps=20, seed=0):
 
 
 def _check_injected_model(model, ids, n_linear, variant, quant_error):
-    """Inject NF4 + adapters; check rank 0, training, and multi-rank logits. Returns the adapted names."""
+    """Quantize (as the loader does) and inject adapters; check rank 0, training, and multi-rank logits.
+    Returns the adapted model and names."""
     with torch.no_grad():
         reference = model(input_ids=ids).logits
     dequantized = copy.deepcopy(model)
-    names = inject_adapters(model, r_max=R_MAX, alpha=ALPHA, variant=variant, compute_dtype=torch.float32)
+    model = quantize_model(model, dtype=torch.float32)
+    names = inject_adapters(model, r_max=R_MAX, alpha=ALPHA, variant=variant)
     assert len(names) == n_linear and "lm_head" not in names
     assert [n for n, _ in iter_adapters(model)] == names
     assert all(isinstance(a.base, NF4Linear) for _, a in iter_adapters(model))
@@ -503,7 +507,7 @@ def _check_injected_model(model, ids, n_linear, variant, quant_error):
         with torch.no_grad():
             torch.testing.assert_close(together[i * len(ids) : (i + 1) * len(ids)], model(input_ids=ids).logits,
                                        atol=1e-4, rtol=1e-4)
-    return names
+    return model, names
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
@@ -511,7 +515,7 @@ def test_tiny_llama_injection_keeps_the_model_and_trains(variant):
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     # Random weights of std 0.1 through 14 NF4 layers drift further than a trained model does.
-    _check_injected_model(model, ids, 2 * 7, variant, quant_error=0.4)
+    model, _ = _check_injected_model(model, ids, 2 * 7, variant, quant_error=0.4)
 
     trainable, total = count_parameters(model)
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -521,8 +525,8 @@ def test_tiny_llama_injection_keeps_the_model_and_trains(variant):
     state = adapter_state_dict(model)
     assert all(k.endswith((".lora_A", ".lora_B", ".magnitude")) for k in state)
     assert state["model.layers.0.mlp.down_proj.lora_A"].shape == (R_MAX, 172)
-    fresh = tiny_llama()
-    inject_adapters(fresh, r_max=R_MAX, alpha=ALPHA, variant=variant, compute_dtype=torch.float32)
+    fresh = quantize_model(tiny_llama())
+    inject_adapters(fresh, r_max=R_MAX, alpha=ALPHA, variant=variant)
     load_adapter_state_dict(fresh, state)
     set_rank(model, 3)
     set_rank(fresh, 3)
@@ -539,9 +543,8 @@ def test_tiny_llama_injection_keeps_the_model_and_trains(variant):
 def test_gradient_checkpointing_with_dropout_gives_the_same_gradients():
     grads = []
     for use_checkpointing in (False, True):
-        model = tiny_llama()
-        inject_adapters(model, r_max=R_MAX, alpha=ALPHA, dropout=0.2, mode="full", variant="dora",
-                        compute_dtype=torch.float32)
+        model = quantize_model(tiny_llama())
+        inject_adapters(model, r_max=R_MAX, alpha=ALPHA, dropout=0.2, mode="full", variant="dora")
         for _, adapter in iter_adapters(model):
             nn.init.normal_(adapter.lora_B, std=0.1)
         if use_checkpointing:
@@ -571,7 +574,7 @@ def test_rank_b_is_the_peft_adapter_with_r_b_and_the_same_alpha(variant):
     peft = pytest.importorskip("peft")
     b = 3
     ours = tiny_llama()
-    inject_adapters(ours, r_max=R_MAX, alpha=ALPHA, variant=variant, quant="none")
+    inject_adapters(ours, r_max=R_MAX, alpha=ALPHA, variant=variant)
     with torch.no_grad():  # as if trained: B nonzero, magnitudes moved
         for _, adapter in iter_adapters(ours):
             adapter.lora_B.normal_(0, 0.1)
@@ -596,7 +599,7 @@ def test_rank_b_is_the_peft_adapter_with_r_b_and_the_same_alpha(variant):
 
 def test_target_patterns_and_their_errors():
     model = tiny_llama()
-    names = inject_adapters(model, r_max=2, alpha=2, target_modules=["q_proj", "model.layers.1.mlp.*"], quant="none")
+    names = inject_adapters(model, r_max=2, alpha=2, target_modules=["q_proj", "model.layers.1.mlp.*"])
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
                      "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
     assert all(isinstance(a.base, nn.Linear) for _, a in iter_adapters(model))
@@ -604,25 +607,26 @@ def test_target_patterns_and_their_errors():
         inject_adapters(model, r_max=2, alpha=2)
     with pytest.raises(QdyloraError, match=r"'qproj' matches no linear layer.*q_proj"):
         inject_adapters(tiny_llama(), r_max=2, alpha=2, target_modules=["q_proj", "qproj"])
-    with pytest.raises(QdyloraError, match="quant"):
-        inject_adapters(tiny_llama(), r_max=2, alpha=2, quant="int3")
+    with pytest.raises(QdyloraError, match="quant.type 'int3' is unknown"):
+        quantize_model(tiny_llama(), quant=QuantConfig(type="int3"))
 
 
-def test_layers_already_in_nf4_are_wrapped_as_they_are():
-    """The streaming loader quantizes targets while reading shards; injection must not quantize them twice."""
+def test_layers_are_wrapped_as_they_are():
+    """The loader quantizes (loading.fill_model); injection only wraps: an NF4 layer stays the same object,
+    a float one stays float (quant.type=none)."""
     model = tiny_llama()
     attn = model.model.layers[0].self_attn
     attn.q_proj = NF4Linear.from_linear(attn.q_proj, compute_dtype=torch.float32)
     quantized = attn.q_proj
-    names = inject_adapters(model, r_max=2, alpha=2, target_modules=["q_proj"], compute_dtype=torch.float32)
+    names = inject_adapters(model, r_max=2, alpha=2, target_modules=["q_proj"])
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert attn.q_proj.base is quantized
-    assert isinstance(model.model.layers[1].self_attn.q_proj.base, NF4Linear)
+    assert type(model.model.layers[1].self_attn.q_proj.base) is nn.Linear
 
 
 def test_loading_adapter_weights_that_do_not_fit_is_a_clear_error():
     model = tiny_llama()
-    inject_adapters(model, r_max=R_MAX, alpha=ALPHA, quant="none")
+    inject_adapters(model, r_max=R_MAX, alpha=ALPHA)
     state = adapter_state_dict(model)
     key = "model.layers.0.self_attn.q_proj.lora_A"
     with pytest.raises(QdyloraError, match=f"1 missing.*{key}"):
@@ -641,7 +645,7 @@ def test_stories260k_injection(stories260k):
     model = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
     float_total = sum(p.numel() for p in model.parameters())
     ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    names = _check_injected_model(model, ids, 5 * 7, "lora", quant_error=0.1)
+    model, names = _check_injected_model(model, ids, 5 * 7, "lora", quant_error=0.1)
     assert "model.layers.4.mlp.down_proj" in names
     trainable, total = count_parameters(model)
     assert trainable == sum(R_MAX * (a.in_features + a.out_features) for _, a in iter_adapters(model))

@@ -324,7 +324,7 @@ def test_peft_export_equals_our_model_at_that_rank(variant, scale, tmp_path):
     assert config["target_modules"] == meta["target_modules"]
 
     ours = _float_base(run_dir)  # the same unquantized base on both sides
-    inject_adapters(ours, r_max=8, alpha=32.0, mode=meta["mode"], variant=variant, scale=scale, quant="none")
+    inject_adapters(ours, r_max=8, alpha=32.0, mode=meta["mode"], variant=variant, scale=scale)
     load_adapter_state_dict(ours, weights)
     set_rank(ours, 5)
     theirs = peft.PeftModel.from_pretrained(_float_base(run_dir), str(out)).eval()
@@ -411,7 +411,7 @@ def test_stories260k_export_and_eval(stories260k, shakespeare, tmp_path):
     theirs = peft.PeftModel.from_pretrained(base, str(run_dir / "export" / "rank-2-peft")).eval()
     ours = AutoModelForCausalLM.from_pretrained(stories260k).eval()
     weights, meta = load_adapter(run_dir / "adapter")
-    inject_adapters(ours, r_max=8, alpha=16.0, mode=meta["mode"], scale=meta["scale"], quant="none")
+    inject_adapters(ours, r_max=8, alpha=16.0, mode=meta["mode"], scale=meta["scale"])
     load_adapter_state_dict(ours, weights)
     set_rank(ours, 2)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
