@@ -286,7 +286,8 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     if (limit := context_length(cfg.model)) and length > limit:
         raise QdyloraError(f"{keys} = {length} is longer than the model's context ({limit} positions, its "
                            f"max_position_embeddings); use at most {limit}")
-    if run_dir.is_dir():  # an existing run is locked before it is read
+    existed = _from_main(accelerator, run_dir.is_dir())  # one answer for every process: they must agree
+    if existed:  # an existing run is locked before it is read
         _lock(accelerator, run_dir, cleanup)
     resume_from = _from_main(accelerator, prepare_run_dir(cfg, run_dir) if main else None)
     replacing = main and not t.resume and (run_dir / CONFIG).exists()  # overwrite=true (else refused)
@@ -306,7 +307,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     if cfg.data.packing:  # refuse a model that would let packed examples see each other
         check_packing(model, train_set, torch.device("cpu") if fsdp else accelerator.device)
 
-    if not run_dir.is_dir():
+    if not existed:
         if main:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
