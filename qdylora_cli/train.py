@@ -37,7 +37,7 @@ from qdylora_cli.adapters import (
     set_rank,
     trained_slices,
 )
-from qdylora_cli.config import TrainConfig
+from qdylora_cli.config import TrainConfig, is_chat
 from qdylora_cli.data import (
     BatchStream,
     check_packing,
@@ -231,6 +231,21 @@ def with_device_defaults(cfg: TrainConfig, on_cuda: bool) -> TrainConfig:
                    train=replace(t, mixed_precision=mixed, gradient_checkpointing=checkpointing))
 
 
+def _within_context(cfg: TrainConfig) -> TrainConfig:
+    """Refuse sequences longer than the model's positions. A chat cap (data.max_length without packing) only
+    cuts long conversations, so one above the context is lowered to it instead: chat's default of 2048
+    tokens then works unchanged with a model of shorter context."""
+    length, keys = max_sequence_length(cfg.data)
+    if not (limit := context_length(cfg.model)) or length <= limit:
+        return cfg
+    if is_chat(cfg.data) and not cfg.data.packing:
+        log.warning("data.max_length = %d is longer than the model's context: conversations are cut at %d tokens",
+                    length, limit)
+        return replace(cfg, data=replace(cfg.data, max_length=limit))
+    raise QdyloraError(f"{keys} = {length} is longer than the model's context ({limit} positions, its "
+                       f"max_position_embeddings); use at most {limit}")
+
+
 def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     on_cuda = torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and not on_cuda:
@@ -282,10 +297,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     accelerator = _make_accelerator(cfg, run_dir)
     main = accelerator.is_main_process
     assign_ranks([1] * cfg.rank_schedule.ranks_per_step, accelerator.num_processes, t.grad_accum, t.batch_size)
-    length, keys = max_sequence_length(cfg.data)
-    if (limit := context_length(cfg.model)) and length > limit:
-        raise QdyloraError(f"{keys} = {length} is longer than the model's context ({limit} positions, its "
-                           f"max_position_embeddings); use at most {limit}")
+    cfg = _within_context(cfg)
     existed = _from_main(accelerator, run_dir.is_dir())  # one answer for every process: they must agree
     if existed:  # an existing run is locked before it is read
         _lock(accelerator, run_dir, cleanup)

@@ -105,6 +105,14 @@ EXTRA = [
     Arm("const4", "full, octave, constant α/r_max, 4 ranks/step", ("adapter.scale=constant",)),
     Arm("frozen_rs", "frozen, uniform, rank-stabilized, 1 rank/step", ("adapter.mode=frozen", "rank_schedule=uniform", ONE)),
     Arm("harmonic4", "full, harmonic, rank-stabilized, 4 ranks/step", ("rank_schedule=harmonic",)),
+    Arm("ranks2", "default with 2 ranks/step", ("rank_schedule.ranks_per_step=2",)),
+    Arm("dora_uniform4", "DoRA, uniform, rank-stabilized, 4 ranks/step", ("adapter.variant=dora", "rank_schedule=uniform")),
+    Arm("lr5", "default at lr 5e-3", ("optimizer.lr=5e-3",)),
+    Arm("alpha32", "default with alpha 32", ("adapter.alpha=32",)),
+    Arm("dora_lr5", "default with DoRA at lr 5e-3", ("adapter.variant=dora", "optimizer.lr=5e-3")),
+    Arm("lr2", "default at lr 2e-3", ("optimizer.lr=2e-3",)),
+    Arm("dora_uniform4_lr2", "DoRA, uniform, rank-stabilized, 4 ranks/step, lr 2e-3",
+        ("adapter.variant=dora", "rank_schedule=uniform", "optimizer.lr=2e-3")),
 ]
 FLOAT = Arm("float", "default on the float32 base", ("quant=none",))
 ARMS = {a.name: a for a in [*FIXED, *DYNAMIC, FLOAT, *EXTRA]}
