@@ -23,13 +23,16 @@ from omegaconf import OmegaConf
 from qdylora_cli import __version__
 from qdylora_cli.config import (
     SCHEMAS,
+    AllocateConfig,
     EvalConfig,
     ExportConfig,
     TrainConfig,
+    allocation_stands_for_rank,
     load_eval_source,
     load_run_config,
     to_typed,
     unknown_key_message,
+    validate_allocate,
     validate_eval,
     validate_export,
     validate_train,
@@ -40,8 +43,10 @@ COMMANDS = {
     "train": "fine-tune a model: one run trains every adapter rank 1..r_max",
     "eval": "loss/perplexity (or task scores) of a trained run at many ranks",
     "export": "one rank of a run as a PEFT adapter or a merged model",
+    "allocate": "a rank per layer for a parameter budget, chosen from a trained run without training again",
 }
-MODULES = {"train": "qdylora_cli.train", "eval": "qdylora_cli.evaluate", "export": "qdylora_cli.export"}
+MODULES = {"train": "qdylora_cli.train", "eval": "qdylora_cli.evaluate", "export": "qdylora_cli.export",
+           "allocate": "qdylora_cli.allocate"}
 GROUPS = ("model", "data", "quant", "rank_schedule", "optimizer")
 _RECIPE = re.compile(r"^\+{0,2}recipe=(.*)$")
 
@@ -165,7 +170,7 @@ def _recipe(overrides: list[str], config_dir: str | Path | None) -> tuple[str | 
 
 def compose_config(
     command: str, overrides: list[str], config_dir: str | Path | None = None
-) -> TrainConfig | EvalConfig | ExportConfig:
+) -> TrainConfig | EvalConfig | ExportConfig | AllocateConfig:
     """The validated, typed config of `qdylora COMMAND OVERRIDES...` (nothing heavy is imported).
 
     For eval and export, `+recipe=NAME` only names the run: its run_dir becomes the default.
@@ -181,9 +186,14 @@ def compose_config(
     if recipe:
         run_dir = to_typed("train", _compose_raw("train", [f"+recipes={recipe}"], config_dir)).run_dir
         overrides = [f"run_dir={_quote(run_dir)}", *overrides]
-    cfg = to_typed(command, _compose_raw(command, overrides, config_dir))
+    node = _compose_raw(command, overrides, config_dir)
+    if command == "export":
+        allocation_stands_for_rank(node)
+    cfg = to_typed(command, node)
     if command == "export":
         return validate_export(cfg, load_run_config(cfg.run_dir).adapter.r_max)
+    if command == "allocate":
+        return validate_allocate(cfg, load_run_config(cfg.run_dir).adapter.r_max)
     run_cfg, merged_rank = load_eval_source(cfg.run_dir)
     return validate_eval(cfg, run_cfg.adapter.r_max, merged_rank)
 

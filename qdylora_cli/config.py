@@ -42,6 +42,7 @@ DATA_FORMATS = ("alpaca", "text", "hf")
 TEMPLATES = ("alpaca", "plain")
 EVAL_TASKS = ("none", "gsm8k", "mcq")
 EXPORT_FORMATS = ("peft", "merged")
+SEARCH_DATA = ("validation", "train")  # qdylora allocate: what the search measures on
 EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run it came from
 BUILTIN_DATA = ("builtin:tiny-instructions",)
 
@@ -177,14 +178,33 @@ class EvalConfig:
 class ExportConfig:
     name: str = "default"
     run_dir: str = "runs/${name}"
-    rank: int = MISSING
+    rank: int | None = MISSING  # null only with `allocation`
     format: str = "peft"
     dtype: str | None = None  # null: the run's model.dtype
     out_dir: str | None = None  # null: RUN_DIR/export/rank-B-FORMAT
     overwrite: bool = False
+    allocation: str | None = None  # an allocation.json (a rank per module) instead of `rank`
 
 
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "export": ExportConfig}
+@dataclass
+class AllocateConfig:
+    name: str = "default"
+    run_dir: str = "runs/${name}"
+    budget: float | None = None  # share of the r_max adapter's parameters, in (0, 1]
+    budget_params: int | None = None  # or: at most this many adapter parameters
+    tolerance: float | None = None  # or: the fewest parameters within this relative margin of the best uniform rank
+    ranks: Any = "pow2"  # the ranks a module may take: pow2, or a rank spec (0 = no adapter on the module)
+    search_data: str = "validation"
+    search_examples: int = 64
+    rounds: int = 3
+    batch_size: int = 8
+    configs_per_pass: int = 8
+    out_dir: str | None = None  # null: RUN_DIR/allocate
+    overwrite: bool = False
+
+
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "export": ExportConfig,
+                            "allocate": AllocateConfig}
 
 
 # --- composed YAML -> typed object ------------------------------------------------------------------
@@ -402,14 +422,59 @@ def validate_eval(cfg: EvalConfig, r_max: int, merged_rank: int | None = None) -
     return cfg
 
 
+def allocation_stands_for_rank(node: DictConfig) -> None:
+    """Export: `allocation=PATH` gives a rank per module, so the required `rank` may stay unset."""
+    if node.get("allocation") is not None and OmegaConf.is_missing(node, "rank"):
+        node.rank = None
+
+
 def validate_export(cfg: ExportConfig, r_max: int) -> ExportConfig:
     _choice("format", cfg.format, EXPORT_FORMATS)
+    if cfg.allocation is not None:
+        if cfg.rank is not None:
+            _fail("rank", cfg.rank, f"no rank with allocation={cfg.allocation!r}: the allocation gives each module its rank")
+        if not Path(cfg.allocation).expanduser().is_file():
+            _fail("allocation", cfg.allocation, "an allocation.json file (qdylora allocate writes RUN_DIR/allocate/allocation.json)")
+    elif cfg.rank is None:
+        raise QdyloraError("rank is required: set it with rank=VALUE (or allocation=PATH for a rank per module)")
     low = 0 if cfg.format == "merged" else 1  # a merged rank 0 is the dequantized base alone
-    if not low <= cfg.rank <= r_max:
+    if cfg.rank is not None and not low <= cfg.rank <= r_max:
         _fail("rank", cfg.rank, f"a rank in {low}..{r_max} (the run's adapter.r_max)")
     if cfg.dtype is not None:
         _choice("dtype", cfg.dtype, DTYPES)
     return cfg
+
+
+def validate_allocate(cfg: AllocateConfig, r_max: int) -> AllocateConfig:
+    """Exactly one budget, in range; the candidate ranks; sizes. A budget below the smallest allocation
+    needs the run's layer shapes and is checked by `qdylora allocate` before the model loads."""
+    given = [k for k in ("budget", "budget_params", "tolerance") if getattr(cfg, k) is not None]
+    if not given:
+        raise QdyloraError("budget is required: budget=0.25 (share of the r_max adapter's parameters), "
+                           "budget_params=N, or tolerance=0.01 (fewest parameters within 1% of the best uniform rank)")
+    if len(given) > 1:
+        raise QdyloraError(f"{' and '.join(given)}: set only one of budget, budget_params and tolerance")
+    if cfg.budget is not None and not 0 < cfg.budget <= 1:
+        _fail("budget", cfg.budget, "a share of the r_max adapter's parameters in (0, 1], e.g. 0.25")
+    if cfg.budget_params is not None:
+        _at_least("budget_params", cfg.budget_params, 1)
+    if cfg.tolerance is not None:
+        _at_least("tolerance", cfg.tolerance, 0)
+    candidate_ranks(cfg.ranks, r_max)
+    _choice("search_data", cfg.search_data, SEARCH_DATA)
+    for name in ("search_examples", "rounds", "batch_size", "configs_per_pass"):
+        _at_least(name, getattr(cfg, name), 1)
+    return cfg
+
+
+def candidate_ranks(spec: Any, r_max: int) -> list[int]:
+    """`qdylora allocate ranks=...`: `pow2` (1, 2, 4, ..., r_max) or a rank spec; 0 lets a module go without adapter."""
+    if spec == "pow2":
+        return sorted({*(1 << i for i in range(r_max.bit_length()) if 1 << i <= r_max), r_max})
+    ranks = parse_rank_spec(spec, r_max, key="ranks")
+    if not any(ranks):
+        _fail("ranks", spec, "at least one rank >= 1 (0 alone is the base model)")
+    return ranks
 
 
 # --- rank specs ----------------------------------------------------------------------------------------
@@ -418,18 +483,19 @@ def validate_export(cfg: ExportConfig, r_max: int) -> ExportConfig:
 _RANGE = re.compile(r"^(\d+)\s*\.\.\s*(\d+)(?:\s*:\s*(\d+))?$")
 
 
-def parse_rank_spec(spec: Any, r_max: int) -> list[int]:
+def parse_rank_spec(spec: Any, r_max: int, key: str = "rank") -> list[int]:
     """Ranks named by `spec`, sorted and unique: `8`, `1..64`, `1..64:4` (1, 5, ..., 61), `[1,2,4,8]`, `all`.
 
     0 is the base model without adapters. Hydra hands over ints and lists as such, strings otherwise.
+    Errors name `key`.
     """
     usage = "a rank spec like 8, 1..64, 1..64:4, [1,2,4,8] or all"
     if isinstance(spec, bool):
-        _fail("rank", spec, usage)
+        _fail(key, spec, usage)
     if isinstance(spec, int):
         ranks = [spec]
     elif isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
-        ranks = [_rank_item(x, spec, usage) for x in spec]
+        ranks = [_rank_item(x, spec, usage, key) for x in spec]
     elif isinstance(spec, str):
         text = spec.strip()
         if text == "all":
@@ -437,28 +503,28 @@ def parse_rank_spec(spec: Any, r_max: int) -> list[int]:
         elif m := _RANGE.match(text):
             lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
             if lo > hi or step < 1:
-                _fail("rank", spec, "LOW..HIGH[:STEP] with LOW <= HIGH and STEP >= 1")
+                _fail(key, spec, "LOW..HIGH[:STEP] with LOW <= HIGH and STEP >= 1")
             ranks = list(range(lo, hi + 1, step))
         else:
             items = [x.strip() for x in text.strip("[]").split(",")]
-            ranks = [_rank_item(x, spec, usage) for x in items]
+            ranks = [_rank_item(x, spec, usage, key) for x in items]
     else:
-        _fail("rank", spec, usage)
+        _fail(key, spec, usage)
     if not ranks:
-        _fail("rank", spec, usage)
+        _fail(key, spec, usage)
     if min(ranks) < 0:
-        _fail("rank", spec, "ranks >= 0 (0 is the base model)")
+        _fail(key, spec, "ranks >= 0 (0 is the base model)")
     if max(ranks) > r_max:
-        raise QdyloraError(f"rank={spec!r}: rank {max(ranks)} is above the run's adapter.r_max ({r_max})")
+        raise QdyloraError(f"{key}={spec!r}: rank {max(ranks)} is above the run's adapter.r_max ({r_max})")
     return sorted(set(ranks))
 
 
-def _rank_item(x: Any, spec: Any, usage: str) -> int:
+def _rank_item(x: Any, spec: Any, usage: str, key: str = "rank") -> int:
     if isinstance(x, int) and not isinstance(x, bool):
         return x
     if isinstance(x, str) and x.isdigit():
         return int(x)
-    _fail("rank", spec, usage)
+    _fail(key, spec, usage)
 
 
 # --- run directories ---------------------------------------------------------------------------------
@@ -518,5 +584,8 @@ def load_eval_source(path: str | Path) -> tuple[TrainConfig, int | None]:
         return load_run_config(path), None
     if "run_config" not in info or "rank" not in info:
         raise QdyloraError(f"{Path(path) / EXPORT_INFO}: missing run_config or rank; re-export the model")
+    if info["rank"] is None:
+        raise QdyloraError(f"{path} is a merged export of an allocation (a rank per layer), not of one rank: its loss "
+                           "is in the allocation's summary.json (qdylora allocate)")
     cfg = validate_train(to_typed("train", upgrade_saved_config(OmegaConf.create(info["run_config"]))), check_paths=False)
     return cfg, int(info["rank"])

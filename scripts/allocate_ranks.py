@@ -1,0 +1,147 @@
+"""Does a rank per layer, chosen after training, beat a uniform rank with the same parameter count?
+
+    python scripts/allocate_ranks.py            # both tasks of docs/results.md, budgets 1/8, 1/4, 1/2
+    python scripts/allocate_ranks.py --quick    # a smoke run of the same pipeline (tested)
+
+For each task of scripts/compare_ranks.py (stories260K → tinyshakespeare, stories260K → alpaca_1k;
+the same overrides: r_max 16, 300 steps, lr 3e-3, batch 8, float32) one run is trained with
+`qdylora train`'s defaults, then `qdylora allocate` runs at each budget. The allocation is searched
+on the first half of the run's validation examples and checked on the second half; uniform ranks
+are measured on the same second half. The table compares the allocated adapter with the uniform rank
+whose parameter count is the smallest that is not below it, and with the uniform loss interpolated
+to the same count. Raw summaries go to <work-dir>/results.json; the table is printed in Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # run from a checkout; compare_ranks.py beside this file
+
+from compare_ranks import TASKS, base_overrides  # noqa: E402
+
+FULL = dict(steps=300, budgets="0.125,0.25,0.5", tasks="shakespeare,alpaca", search_examples=64)
+QUICK = dict(steps=10, budgets="0.25", tasks="shakespeare", search_examples=8)
+
+
+def train_run(args: argparse.Namespace, task: str, seed: int) -> Path:
+    from qdylora_cli import train
+    from qdylora_cli.cli import compose_config
+
+    run_dir = args.work_dir / task / f"default-s{seed}"
+    overrides = base_overrides(args, task, run_dir, seed, args.steps)
+    if args.quick:
+        overrides.append("data.max_samples=64")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.run(compose_config("train", overrides))
+    return run_dir
+
+
+def allocate(args: argparse.Namespace, run_dir: Path, budget: float) -> dict:
+    from qdylora_cli import allocate
+    from qdylora_cli.cli import compose_config
+
+    cfg = compose_config("allocate", [f"run_dir={run_dir}", f"budget={budget}", f"out_dir={run_dir}/allocate-{budget}",
+                                      "overwrite=true", f"search_examples={args.search_examples}"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        return allocate.run(cfg)
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| task | budget | allocated params | allocated loss | uniform rank (params) | uniform loss | gap | "
+             "uniform interpolated | gap | search |",
+             "|" + " --- |" * 10]
+    for r in results:
+        s = r["summary"]
+        same, interpolated = s["uniform"]["same_or_more"], s["uniform"]["interpolated_loss"]
+        gap = 100 * (s["loss"] / same["loss"] - 1)
+        gap_i = "" if interpolated is None else f"{100 * (s['loss'] / interpolated - 1):+.2f}%"
+        lines.append(
+            f"| {TASKS[r['task']].title} | {r['budget']:g} | {s['params']:,} ({s['share_of_r_max']:.1%}) | "
+            f"{s['loss']:.4f} | {same['rank']} ({same['params']:,}) | {same['loss']:.4f} | {gap:+.2f}% | "
+            f"{'' if interpolated is None else f'{interpolated:.4f}'} | {gap_i} | "
+            f"{s['search']['allocations_measured']} allocations, {s['search']['seconds']:.0f}s |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in results if r["task"] == task]
+        rows = mine[0]["summary"]["uniform"]["rows"]
+        ax.plot([u["params"] for u in rows], [u["loss"] for u in rows], "o-", label="uniform rank 1..16")
+        for u in rows:
+            if u["rank"] in (1, 2, 4, 8, 16):
+                ax.annotate(str(u["rank"]), (u["params"], u["loss"]), textcoords="offset points", xytext=(3, 5), fontsize=8)
+        ax.plot([r["summary"]["params"] for r in mine], [r["summary"]["loss"] for r in mine], "*", color="tab:red",
+                markersize=13, label="allocated: budget " + ", ".join(f"{r['budget']:g}" for r in mine))
+        ax.set(title=TASKS[task].title, xlabel="adapter parameters", ylabel="loss on the check half of validation")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few steps, one budget, few examples: a smoke run")
+    p.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="folder with models/ and data/")
+    p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "allocate_ranks")
+    p.add_argument("--out-png", type=Path, help="the plot (default: <work-dir>/allocation.png)")
+    p.add_argument("--tasks", help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--budgets", help="comma-separated shares of the r_max adapter's parameters")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--search-examples", type=int)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--scheduler", default="constant")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--from-json", action="store_true", help="print the table and plot from <work-dir>/results.json")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    import torch
+
+    torch.set_num_threads(1)  # comparable timings on a shared machine; set OMP_NUM_THREADS=1 too
+    saved = args.work_dir / "results.json"
+    if args.from_json:
+        results = json.loads(saved.read_text())["results"]
+    else:
+        results, start = [], time.perf_counter()
+        for task in args.tasks.split(","):
+            for seed in map(int, args.seeds.split(",")):
+                run_dir = train_run(args, task, seed)
+                for budget in map(float, args.budgets.split(",")):
+                    results.append({"task": task, "seed": seed, "budget": budget,
+                                    "summary": allocate(args, run_dir, budget)})
+                    print(table(results[-1:]).splitlines()[-1], flush=True)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
+                                     "total_s": time.perf_counter() - start, "results": results}, indent=1))
+    print(table(results))
+    plot(results, args.out_png or args.work_dir / "allocation.png")
+
+
+if __name__ == "__main__":
+    main()
