@@ -196,7 +196,7 @@ class AllocateConfig:
     ranks: Any = "pow2"  # the ranks a module may take: pow2, or a rank spec (0 = no adapter on the module)
     search_data: str = "validation"
     search_examples: int = 64
-    rounds: int = 3
+    rounds: int = 6
     batch_size: int = 8
     configs_per_pass: int = 8
     out_dir: str | None = None  # null: RUN_DIR/allocate

@@ -3,15 +3,17 @@
 Nothing is trained: the search measures the loss of allocations (a rank per module) on search data
 and works in rounds around a reference allocation, first the largest uniform rank within the budget:
 
-1. Sensitivity: for each module m and candidate rank g, the loss with m at g and every other module
-   at its reference rank: M·(G-1) allocations for M modules and G candidate ranks, several per
-   forward pass (each allocation gets one chunk of a repeated batch: `evaluate.choice_losses`).
-2. Knapsack: assuming the loss changes of different modules add up, choose one candidate rank per
-   module that minimizes the summed change within the budget: an exact multiple-choice knapsack by
-   dynamic programming over parameter counts.
-3. The chosen allocation is measured. The best allocation measured so far within the budget becomes
-   the next reference (the additive model is made again around it); when it stays the same, or
-   after `rounds` rounds, the search stops.
+1. Sensitivity: for each module, the loss with that module alone one candidate rank lower and one
+   higher, every other module at its reference rank: about 2·M allocations for M modules, several
+   per forward pass (each allocation gets one chunk of a repeated batch: `evaluate.choice_losses`).
+2. Knapsack: assuming the loss changes of different modules add up, choose a rank per module among
+   those three that minimizes the summed change within the budget: an exact multiple-choice knapsack
+   by dynamic programming over parameter counts. Changes do not quite add up (layers feed each
+   other), so the knapsack is also solved with a penalty per changed module, which keeps only the
+   clearest gains: a few steps of decreasing length, measured together.
+3. The best allocation measured so far within the budget becomes the next reference; when it stays
+   the same, or after `rounds` rounds, the search stops. A module moves at most one candidate rank
+   per round, so the additive model is only ever used near where it was measured.
 
 The result is the measured allocation with the lowest loss within the budget, so on the search data
 it is never worse than the uniform rank it starts from. `smallest_within` bisects the budget for the
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 MAX_UNITS = 100_000  # cost resolution of the knapsack: its error is under one unit per module
 BISECTION_STEPS = 6  # tolerance mode: budget resolution 1/64 of the range searched
+# Penalties per changed module of the shorter steps tried each round, as quantiles of the measured loss
+# changes (besides penalty 0, the knapsack's full step): the larger, the fewer and clearer the moves kept.
+STEP_QUANTILES = (0.25, 0.5, 0.75, 0.9)
 
 
 class MeasuredLosses:
@@ -105,8 +110,8 @@ class Round:
     reference_params: int
     reference_loss: float
     measured: int  # allocations measured in this round (repeats are not measured again)
-    chosen_params: int
-    predicted_loss: float  # reference loss + the knapsack's summed loss changes
+    chosen_params: int  # the best of the round's knapsack steps
+    predicted_loss: float  # its reference loss + summed loss changes
     chosen_loss: float
 
 
@@ -127,6 +132,36 @@ def start_rank(shapes: Sequence[ModuleShape], candidates: Sequence[int], capacit
     return max(fitting) if fitting else min(c for c in candidates if c > 0)
 
 
+def neighbours(candidates: Sequence[int], rank: int) -> list[int]:
+    """`rank` and the candidate ranks just below and just above it: where one round may move a module."""
+    ranks = sorted({*candidates, rank})
+    i = ranks.index(rank)
+    return ranks[max(i - 1, 0) : i + 2]
+
+
+def step_candidates(
+    shapes: Sequence[ModuleShape],
+    options: dict[str, list[int]],
+    reference: Allocation,
+    table: dict[str, dict[int, float]],
+    capacity: int,
+) -> list[Allocation]:
+    """Knapsack solutions with a penalty on each module they change: none (the whole step the additive
+    model asks for), then the STEP_QUANTILES of the measured loss changes (only the clearest gains)."""
+    changes = np.array([abs(v) for row in table.values() for v in row.values() if v != 0.0])
+    penalties = [0.0, *(float(np.quantile(changes, q)) for q in STEP_QUANTILES if changes.size)]
+    steps: list[Allocation] = []
+    for penalty in penalties:
+        picks = knapsack([[s.params(g) for g in options[s.name]] for s in shapes],
+                         [[table[s.name][g] + (penalty if g != reference[s.name] else 0.0) for g in options[s.name]]
+                          for s in shapes], capacity)
+        assert picks is not None, "the reference fits the budget, so every knapsack has a solution"
+        step = {s.name: options[s.name][j] for s, j in zip(shapes, picks, strict=True)}
+        if step not in steps:
+            steps.append(step)
+    return steps
+
+
 def search(
     shapes: Sequence[ModuleShape],
     candidates: Sequence[int],
@@ -144,25 +179,23 @@ def search(
     for _ in range(rounds):
         before = len(losses)
         reference_loss = losses([reference])[0]
-        options = {s.name: sorted({*candidates, reference[s.name]}) for s in shapes}
+        options = {s.name: neighbours(candidates, reference[s.name]) for s in shapes}
         moves = [(s.name, g) for s in shapes for g in options[s.name] if g != reference[s.name]]
         moved = losses([{**reference, name: g} for name, g in moves])
         table = {s.name: {reference[s.name]: 0.0} for s in shapes}
         for (name, g), loss in zip(moves, moved, strict=True):
             table[name][g] = loss - reference_loss
-        picks = knapsack([[s.params(g) for g in options[s.name]] for s in shapes],
-                         [[table[s.name][g] for g in options[s.name]] for s in shapes], capacity)
-        assert picks is not None, "the reference fits, so the knapsack has a solution"
-        chosen = {s.name: options[s.name][j] for s, j in zip(shapes, picks, strict=True)}
-        chosen_loss = losses([chosen])[0]
+        steps = step_candidates(shapes, options, reference, table, capacity)
+        step_losses = losses(steps)
+        chosen, chosen_loss = min(zip(steps, step_losses), key=lambda t: t[1])
         result.rounds.append(Round(
             allocation_params(shapes, reference), reference_loss, len(losses) - before, allocation_params(shapes, chosen),
             reference_loss + sum(table[name][g] for name, g in chosen.items()), chosen_loss,
         ))
         last = result.rounds[-1]
-        log.info("budget %s: round %d measured %d allocations; the knapsack chose %s parameters, predicted loss "
-                 "%.4f, measured %.4f (reference %.4f)", f"{capacity:,}", len(result.rounds), last.measured,
-                 f"{last.chosen_params:,}", last.predicted_loss, chosen_loss, reference_loss)
+        log.info("budget %s, round %d: %d allocations measured; best step: %s parameters, loss %.4f (predicted "
+                 "%.4f, reference %.4f)", f"{capacity:,}", len(result.rounds), last.measured,
+                 f"{last.chosen_params:,}", chosen_loss, last.predicted_loss, reference_loss)
         result.sensitivity = {name: dict(sorted(row.items())) for name, row in table.items()}
         best, _ = losses.best_within(shapes, capacity)
         if best == reference:
