@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # run from a checkout; compar
 
 from compare_ranks import TASKS, base_overrides  # noqa: E402
 
-FULL = dict(steps=300, budgets="0.125,0.25,0.5", tasks="shakespeare,alpaca", search_examples=64)
-QUICK = dict(steps=10, budgets="0.25", tasks="shakespeare", search_examples=8)
+FULL = dict(steps=300, budgets="0.125,0.25,0.5", tasks="shakespeare,alpaca", search_examples=64, seeds="0,1,2")
+QUICK = dict(steps=10, budgets="0.25", tasks="shakespeare", search_examples=8, seeds="0")
 
 
 def train_run(args: argparse.Namespace, task: str, seed: int) -> Path:
@@ -57,21 +58,39 @@ def allocate(args: argparse.Namespace, run_dir: Path, budget: float) -> dict:
         return allocate.run(cfg)
 
 
+def gap(r: dict) -> float:
+    """Allocated vs the uniform rank with the same or more parameters, in % of the uniform loss (negative: better)."""
+    s = r["summary"]
+    return 100 * (s["loss"] / s["uniform"]["same_or_more"]["loss"] - 1)
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| task | budget | allocated params | allocated loss | uniform rank (params) | uniform loss | gap | "
-             "uniform interpolated | gap | search |",
-             "|" + " --- |" * 10]
+    """One row per task, seed and budget."""
+    lines = ["| task | seed | budget | allocated params | allocated loss | uniform rank (params) | uniform loss | gap | "
+             "search: allocations, s |",
+             "|" + " --- |" * 9]
     for r in results:
         s = r["summary"]
-        same, interpolated = s["uniform"]["same_or_more"], s["uniform"]["interpolated_loss"]
-        gap = 100 * (s["loss"] / same["loss"] - 1)
-        gap_i = "" if interpolated is None else f"{100 * (s['loss'] / interpolated - 1):+.2f}%"
+        same = s["uniform"]["same_or_more"]
         lines.append(
-            f"| {TASKS[r['task']].title} | {r['budget']:g} | {s['params']:,} ({s['share_of_r_max']:.1%}) | "
-            f"{s['loss']:.4f} | {same['rank']} ({same['params']:,}) | {same['loss']:.4f} | {gap:+.2f}% | "
-            f"{'' if interpolated is None else f'{interpolated:.4f}'} | {gap_i} | "
-            f"{s['search']['allocations_measured']} allocations, {s['search']['seconds']:.0f}s |"
+            f"| {TASKS[r['task']].title} | {r['seed']} | {r['budget']:g} | {s['params']:,} ({s['share_of_r_max']:.1%}) | "
+            f"{s['loss']:.4f} | {same['rank']} ({same['params']:,}) | {same['loss']:.4f} | {gap(r):+.2f}% | "
+            f"{s['search']['allocations_measured']}, {s['search']['seconds']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def summary_table(results: list[dict]) -> str:
+    """One row per task and budget: the gap over seeds, and how many seeds the allocation won."""
+    lines = ["| task | budget | uniform rank | gap, mean over seeds | gap per seed | allocation better |",
+             "|" + " --- |" * 6]
+    for task in dict.fromkeys(r["task"] for r in results):
+        for budget in dict.fromkeys(r["budget"] for r in results):
+            mine = [r for r in results if r["task"] == task and r["budget"] == budget]
+            gaps = [gap(r) for r in mine]
+            lines.append(f"| {TASKS[task].title} | {budget:g} | {mine[0]['summary']['uniform']['same_or_more']['rank']} | "
+                         f"{statistics.fmean(gaps):+.2f}% | {', '.join(f'{g:+.2f}%' for g in gaps)} | "
+                         f"{sum(g < 0 for g in gaps)} of {len(gaps)} |")
     return "\n".join(lines)
 
 
@@ -84,7 +103,8 @@ def plot(results: list[dict], path: Path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in results))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        mine = [r for r in results if r["task"] == task]
+        seed = min(r["seed"] for r in results if r["task"] == task)
+        mine = [r for r in results if r["task"] == task and r["seed"] == seed]
         rows = mine[0]["summary"]["uniform"]["rows"]
         ax.plot([u["params"] for u in rows], [u["loss"] for u in rows], "o-", label="uniform rank 1..16")
         for u in rows:
@@ -92,7 +112,7 @@ def plot(results: list[dict], path: Path) -> None:
                 ax.annotate(str(u["rank"]), (u["params"], u["loss"]), textcoords="offset points", xytext=(3, 5), fontsize=8)
         ax.plot([r["summary"]["params"] for r in mine], [r["summary"]["loss"] for r in mine], "*", color="tab:red",
                 markersize=13, label="allocated: budget " + ", ".join(f"{r['budget']:g}" for r in mine))
-        ax.set(title=TASKS[task].title, xlabel="adapter parameters", ylabel="loss on the check half of validation")
+        ax.set(title=f"{TASKS[task].title} (seed {seed})", xlabel="adapter parameters", ylabel="loss on the check half of validation")
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -110,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-png", type=Path, help="the plot (default: <work-dir>/allocation.png)")
     p.add_argument("--tasks", help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--budgets", help="comma-separated shares of the r_max adapter's parameters")
-    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--seeds", help="comma-separated training seeds (default 0,1,2; 0 with --quick)")
     p.add_argument("--steps", type=int)
     p.add_argument("--search-examples", type=int)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -139,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv,
                                      "total_s": time.perf_counter() - start, "results": results}, indent=1))
-    print(table(results))
+    print(table(results) + "\n\n" + summary_table(results))
     plot(results, args.out_png or args.work_dir / "allocation.png")
 
 
