@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -113,19 +114,20 @@ def ranks_by_layer(allocation: Allocation) -> tuple[list[str], list[str], dict[t
 def print_report(allocation: Allocation, summary: dict[str, Any]) -> None:
     console = Console()
     layers, kinds, grid = ranks_by_layer(allocation)
+    prefix = os.path.commonprefix(layers).rpartition(".")[0] if len(layers) > 1 else ""
     table = Table(title=f"rank per layer ({summary['params']:,} adapter parameters, "
                         f"{summary['share_of_r_max']:.1%} of rank {summary['r_max']})")
-    table.add_column("layer")
+    table.add_column(f"{prefix}." if prefix else "layer")
     for kind in kinds:
         table.add_column(kind, justify="right")
     for layer in layers:
-        table.add_row(layer, *(str(grid.get((layer, kind), "")) for kind in kinds))
+        table.add_row(layer.removeprefix(f"{prefix}."), *(str(grid.get((layer, kind), "")) for kind in kinds))
     console.print(table)
 
     same, best = summary["uniform"]["same_or_more"], summary["uniform"]["best"]
     loss = summary["loss"]
     compare = Table(title=f"loss on the check data ({summary['search']['data']})")
-    for column in ("", "params", "loss", "vs allocated"):
+    for column in ("", "params", "loss", "allocated vs it"):
         compare.add_column(column, justify="right" if column else "left")
     compare.add_row("allocated", f"{summary['params']:,}", f"{loss:.4f}", "", style="bold")
     compare.add_row(f"uniform rank {same['rank']} (same or more params)", f"{same['params']:,}", f"{same['loss']:.4f}",
@@ -137,9 +139,19 @@ def print_report(allocation: Allocation, summary: dict[str, Any]) -> None:
     compare.add_row(f"best uniform rank ({best['rank']})", f"{best['params']:,}", f"{best['loss']:.4f}",
                     f"{100 * (loss / best['loss'] - 1):+.2f}%")
     console.print(compare)
+    if loss > same["loss"]:
+        console.print(f"[bold]On the check data the allocation is worse than uniform rank {same['rank']}[/]: the search "
+                      f"fitted its examples. Prefer rank {same['rank']} (qdylora export rank={same['rank']}), or search "
+                      "on more examples (search_examples, search_data=train).")
     s = summary["search"]
-    console.print(f"search: {s['allocations_measured']} allocations measured in {len(s['rounds'])} round(s), "
-                  f"{s['seconds']:.0f}s; started from uniform rank {s['start_rank']}")
+    console.print(f"search: {s['allocations_measured']} allocations measured in {s['seconds']:.0f}s; on the search data "
+                  f"the loss went from {s['rounds'][0]['reference_loss']:.4f} (uniform rank {s['start_rank']}) to "
+                  f"{s['loss']:.4f} in {len(s['rounds'])} round(s)")
+    if "tolerance_search" in summary:
+        t = summary["tolerance_search"]
+        console.print(f"tolerance {summary['tolerance']:g}: the target was {t['target_loss']:.4f} on the search data "
+                      f"(uniform rank {t['smallest_uniform_rank_within']} is the smallest uniform rank within it); "
+                      f"{len(t['budgets_tried'])} budgets tried")
 
 
 def write_plot(path: Path, summary: dict[str, Any], title: str) -> None:

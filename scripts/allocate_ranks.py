@@ -90,11 +90,12 @@ def summary_table(results: list[dict]) -> str:
             gaps = [gap(r) for r in mine]
             lines.append(f"| {TASKS[task].title} | {budget:g} | {mine[0]['summary']['uniform']['same_or_more']['rank']} | "
                          f"{statistics.fmean(gaps):+.2f}% | {', '.join(f'{g:+.2f}%' for g in gaps)} | "
-                         f"{sum(g < 0 for g in gaps)} of {len(gaps)} |")
+                         f"{sum(round(g, 2) < 0 for g in gaps)} of {len(gaps)} |")
     return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Loss against parameters per task: uniform ranks and allocations, each the mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,16 +104,22 @@ def plot(results: list[dict], path: Path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in results))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        seed = min(r["seed"] for r in results if r["task"] == task)
-        mine = [r for r in results if r["task"] == task and r["seed"] == seed]
-        rows = mine[0]["summary"]["uniform"]["rows"]
-        ax.plot([u["params"] for u in rows], [u["loss"] for u in rows], "o-", label="uniform rank 1..16")
-        for u in rows:
+        mine = [r for r in results if r["task"] == task]
+        seeds = sorted({r["seed"] for r in mine})
+        curves = [next(r for r in mine if r["seed"] == s)["summary"]["uniform"]["rows"] for s in seeds]
+        params = [u["params"] for u in curves[0]]
+        loss = [statistics.fmean(c[i]["loss"] for c in curves) for i in range(len(params))]
+        ax.plot(params, loss, "o-", label="uniform rank 1..16")
+        for u, y in zip(curves[0], loss):
             if u["rank"] in (1, 2, 4, 8, 16):
-                ax.annotate(str(u["rank"]), (u["params"], u["loss"]), textcoords="offset points", xytext=(3, 5), fontsize=8)
-        ax.plot([r["summary"]["params"] for r in mine], [r["summary"]["loss"] for r in mine], "*", color="tab:red",
-                markersize=13, label="allocated: budget " + ", ".join(f"{r['budget']:g}" for r in mine))
-        ax.set(title=f"{TASKS[task].title} (seed {seed})", xlabel="adapter parameters", ylabel="loss on the check half of validation")
+                ax.annotate(str(u["rank"]), (u["params"], y), textcoords="offset points", xytext=(3, 5), fontsize=8)
+        budgets = list(dict.fromkeys(r["budget"] for r in mine))
+        at = [[r["summary"] for r in mine if r["budget"] == b] for b in budgets]
+        ax.plot([statistics.fmean(s["params"] for s in group) for group in at],
+                [statistics.fmean(s["loss"] for s in group) for group in at], "*", color="tab:red", markersize=13,
+                label="allocated: budget " + ", ".join(f"{b:g}" for b in budgets))
+        ax.set(title=f"{TASKS[task].title} (mean of {len(seeds)} seeds)", xlabel="adapter parameters",
+               ylabel="loss on the check half of validation")
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -341,7 +341,7 @@ def _write_allocation(run_dir, name, allocation):
     return path
 
 
-def test_export_an_allocation_as_peft_and_merged(tiny_run):
+def test_export_an_allocation_as_peft_and_merged(tiny_run, capsys):
     peft = pytest.importorskip("peft")
     shapes, _ = run_module_shapes(tiny_run)
     allocation = {s.name: [1, 8, 3, 0][i % 4] for i, s in enumerate(shapes)}
@@ -358,6 +358,9 @@ def test_export_an_allocation_as_peft_and_merged(tiny_run):
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert json.loads((merged_dir / "qdylora_export.json").read_text())["allocation"] == allocation
+    assert qdylora("eval", f"run_dir={merged_dir}") == 2
+    assert "is a merged export of an allocation" in capsys.readouterr().err
 
     # PEFT on the unquantized base equals our adapters on the same unquantized base
     base = tiny_run / "base_model"
