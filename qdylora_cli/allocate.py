@@ -31,13 +31,13 @@ from rich.console import Console
 from rich.table import Table
 
 from qdylora_cli.allocation import Allocation, ModuleShape, allocation_params, run_module_shapes, uniform
-from qdylora_cli.checkpoint import atomic_dir, check_writable
-from qdylora_cli.config import AllocateConfig, TrainConfig, candidate_ranks, load_run_config
+from qdylora_cli.config import AllocateConfig, TrainConfig, candidate_ranks
 from qdylora_cli.data import collate, load_datasets, pad_token_id
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import choice_losses
 from qdylora_cli.model import load_run_model
 from qdylora_cli.rank_search import MeasuredLosses, SearchResult, search, smallest_within
+from qdylora_cli.rundir import atomic_dir, check_writable, load_run_config, note_if_training
 
 
 def budget_capacity(cfg: AllocateConfig, full: int, smallest: int, smallest_rank: int) -> int | None:
@@ -213,6 +213,7 @@ def run(cfg: AllocateConfig) -> dict[str, Any]:
     if out.exists() and not cfg.overwrite:  # before any work, not after it
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it (or out_dir=... for another)")
     check_writable(out, "out_dir")
+    note_if_training(run_dir)
     run_cfg = load_run_config(run_dir)
     shapes, meta = run_module_shapes(run_dir)
     r_max = meta["r_max"]

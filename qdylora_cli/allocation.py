@@ -18,8 +18,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from qdylora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qdylora_cli.errors import QdyloraError
+from qdylora_cli.rundir import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 Allocation = dict[str, int]
 
@@ -43,7 +43,7 @@ class ModuleShape:
 def run_module_shapes(run_dir: str | Path) -> tuple[list[ModuleShape], dict[str, Any]]:
     """The adapted modules of a run in module order, and its adapter metadata; read from the adapter
     file's header and adapter_config.json, no weights loaded."""
-    adapter = Path(run_dir) / "adapter"
+    adapter = Path(run_dir) / ADAPTER
     weights, config = adapter / ADAPTER_WEIGHTS, adapter / ADAPTER_CONFIG
     if not weights.is_file() or not config.is_file():
         raise QdyloraError(f"{run_dir} has no finished adapter ({adapter} lacks {ADAPTER_WEIGHTS} or {ADAPTER_CONFIG})")

@@ -2,6 +2,8 @@
 that acts on a value both read them here, so the two cannot drift apart."""
 
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("alpaca", "text", "hf", "chat")
+TEMPLATES = ("alpaca", "plain")  # prompt templates of instruction records (chat data uses the tokenizer's)
 QUANT_TYPES = ("nf4", "none")
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the ones bitsandbytes accepts
 ADAPTER_MODES = ("frozen", "full")
@@ -13,3 +15,4 @@ OPTIMIZERS = ("adamw",)
 RETIRED_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("bf16", "fp16", "no")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "none")

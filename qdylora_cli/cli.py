@@ -1,7 +1,7 @@
-"""`qdylora train|eval|export [KEY=VALUE ...] [+recipe=NAME]`: compose the config, validate it, dispatch.
+"""`qdylora train|eval|export|generate [KEY=VALUE ...] [+recipe=NAME]`: compose the config, validate it, dispatch.
 
 Hydra has no subcommands, so each command is a primary config (`conf/train.yaml`, `eval.yaml`,
-`export.yaml`) composed with Hydra's compose API. Recipes are the `recipes/` folder: its parent is
+`export.yaml`, `generate.yaml`) composed with Hydra's compose API. Recipes are the `recipes/` folder: its parent is
 on Hydra's search path, and `+recipe=NAME` is passed on as `+recipes=NAME`. Everything is checked
 against the typed schema in config.py before the command's (torch-heavy) module is imported.
 """
@@ -9,8 +9,8 @@ against the typed schema in config.py before the command's (torch-heavy) module 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
-import logging
 import os
 import re
 import subprocess
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from qdylora_cli import __version__
 from qdylora_cli.config import (
@@ -26,28 +26,39 @@ from qdylora_cli.config import (
     AllocateConfig,
     EvalConfig,
     ExportConfig,
+    GenerateConfig,
     TrainConfig,
+    absolute_paths,
     allocation_stands_for_rank,
-    load_eval_source,
-    load_run_config,
+    flat_config,
     to_typed,
+    unflatten,
     unknown_key_message,
     validate_allocate,
     validate_eval,
     validate_export,
+    validate_generate,
     validate_train,
 )
-from qdylora_cli.errors import QdyloraError
+from qdylora_cli.errors import Interrupted, QdyloraError, is_out_of_memory
+from qdylora_cli.helptext import conf_comments, key_rows, key_table
+from qdylora_cli.logs import quiet_libraries, setup_logging
+from qdylora_cli.rundir import CONFIG, load_eval_source, load_run_config
 
 COMMANDS = {
     "train": "fine-tune a model: one run trains every adapter rank 1..r_max",
     "eval": "loss/perplexity (or task scores) of a trained run at many ranks",
     "export": "one rank of a run as a PEFT adapter or a merged model",
+    "generate": "a run's answers to your prompts, at one rank or several side by side",
     "allocate": "a rank per layer for a parameter budget, chosen from a trained run without training again",
 }
 MODULES = {"train": "qdylora_cli.train", "eval": "qdylora_cli.evaluate", "export": "qdylora_cli.export",
-           "allocate": "qdylora_cli.allocate"}
+           "generate": "qdylora_cli.generate", "allocate": "qdylora_cli.allocate"}
 GROUPS = ("model", "data", "quant", "rank_schedule", "optimizer")
+# The option of each group whose comments document every key of the group (read first for --help).
+REFERENCE_OPTIONS = {"model": "hf", "data": "alpaca", "quant": "nf4", "rank_schedule": "uniform", "optimizer": "adamw"}
+# Free text, never Hydra syntax: `prompt=What's 3, plus 4?` is kept as typed (see _text_overrides).
+TEXT_KEYS = {"generate": ("prompt", "input")}
 _RECIPE = re.compile(r"^\+{0,2}recipe=(.*)$")
 
 
@@ -108,8 +119,9 @@ def _check_overrides(overrides: list[str]) -> None:
             raise QdyloraError(f"malformed override {override!r}: {reason}; expected KEY=VALUE (lists as [a,b])") from None
 
 
-def _compose_raw(command: str, overrides: list[str], config_dir: str | Path | None) -> Any:
-    """The composed (untyped) DictConfig; Hydra's errors become one line each."""
+def _compose_raw(command: str, overrides: list[str], config_dir: str | Path | None) -> tuple[Any, dict[str, str]]:
+    """The composed (untyped) DictConfig and the option chosen in each config group; Hydra's errors
+    become one line each."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
@@ -120,7 +132,11 @@ def _compose_raw(command: str, overrides: list[str], config_dir: str | Path | No
     searchpath = "hydra.searchpath=[" + ",".join(_quote(f"file://{p}") for p in search) + "]"
     try:
         with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3", job_name="qdylora"):
-            return compose(config_name=command, overrides=[searchpath, *overrides])
+            node = compose(config_name=command, overrides=[searchpath, *overrides], return_hydra_config=True)
+            choices = dict(node.hydra.runtime.choices)
+            with open_dict(node):
+                del node["hydra"]
+            return node, choices
     except MissingConfigException as e:
         raise QdyloraError(_missing_option_message(e)) from None
     except ConfigCompositionException as e:
@@ -168,25 +184,43 @@ def _recipe(overrides: list[str], config_dir: str | Path | None) -> tuple[str | 
     return names[0], rest
 
 
+def _text_overrides(command: str, overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split off `KEY=TEXT` for the command's free-text keys: Hydra would read commas as a sweep,
+    brackets as a list and an apostrophe as an unclosed quote."""
+    keys = TEXT_KEYS.get(command, ())
+    is_text = [o.partition("=")[0] in keys and "=" in o for o in overrides]
+    texts = dict(o.split("=", 1) for o, text in zip(overrides, is_text) if text)
+    return texts, [o for o, text in zip(overrides, is_text) if not text]
+
+
 def compose_config(
     command: str, overrides: list[str], config_dir: str | Path | None = None
-) -> TrainConfig | EvalConfig | ExportConfig | AllocateConfig:
+) -> TrainConfig | EvalConfig | ExportConfig | GenerateConfig | AllocateConfig:
     """The validated, typed config of `qdylora COMMAND OVERRIDES...` (nothing heavy is imported).
 
-    For eval and export, `+recipe=NAME` only names the run: its run_dir becomes the default.
+    For eval, export and generate, `+recipe=NAME` only names the run: its run_dir becomes the default.
     """
     if command not in COMMANDS:
         raise QdyloraError(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
+    texts, overrides = _text_overrides(command, overrides)
     _check_overrides(overrides)
     recipe, overrides = _recipe(overrides, config_dir)
     if command == "train":
         extra = [f"+recipes={recipe}"] if recipe else []
-        node = _compose_raw("train", extra + overrides, config_dir)
-        return validate_train(to_typed("train", node))
+        node, choices = _compose_raw("train", extra + overrides, config_dir)
+        cfg = to_typed("train", node)
+        if choices.get("data") == "tiny_instructions" and not cfg.data.path.startswith("builtin:"):
+            raise QdyloraError(f"data.path={cfg.data.path}: say what the file holds with data=json (instruction "
+                               "records), data=text (plain text) or data=alpaca (a Hugging Face dataset); without it "
+                               "the built-in toy data's settings would apply")
+        cfg = validate_train(cfg)
+        if cfg.train.resume and (Path(cfg.run_dir) / CONFIG).is_file():
+            cfg = _resumed(cfg, extra, config_dir)
+        return cfg
     if recipe:
-        run_dir = to_typed("train", _compose_raw("train", [f"+recipes={recipe}"], config_dir)).run_dir
+        run_dir = to_typed("train", _compose_raw("train", [f"+recipes={recipe}"], config_dir)[0]).run_dir
         overrides = [f"run_dir={_quote(run_dir)}", *overrides]
-    node = _compose_raw(command, overrides, config_dir)
+    node = _compose_raw(command, overrides, config_dir)[0]
     if command == "export":
         allocation_stands_for_rank(node)
     cfg = to_typed(command, node)
@@ -195,7 +229,21 @@ def compose_config(
     if command == "allocate":
         return validate_allocate(cfg, load_run_config(cfg.run_dir).adapter.r_max)
     run_cfg, merged_rank = load_eval_source(cfg.run_dir)
+    if command == "generate":
+        return validate_generate(dataclasses.replace(cfg, **texts), run_cfg.adapter.r_max, merged_rank)
     return validate_eval(cfg, run_cfg.adapter.r_max, merged_rank)
+
+
+def _resumed(cfg: TrainConfig, recipe: list[str], config_dir: str | Path | None) -> TrainConfig:
+    """train.resume=true: the run's saved config, with what this command line sets on top of it.
+
+    A key counts as set on the command line when it differs from the same composition without the
+    overrides; which of those may change is checked, key by key, before training (rundir.check_same_run).
+    """
+    saved = flat_config(load_run_config(cfg.run_dir))
+    plain = flat_config(absolute_paths(to_typed("train", _compose_raw("train", recipe, config_dir)[0])))
+    given = {k: v for k, v in flat_config(absolute_paths(cfg)).items() if plain.get(k) != v}
+    return validate_train(to_typed("train", unflatten({**saved, **given, "run_dir": cfg.run_dir})))
 
 
 # --- help --------------------------------------------------------------------------------------------
@@ -214,11 +262,31 @@ def _defaults(command: str) -> dict[str, str]:
     return {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
 
 
+def key_reference(command: str) -> list[str]:
+    """`key  default  meaning` for every key of the command (see helptext.py)."""
+    conf = config_root() / "conf"
+    # eval's data is null until chosen: show the keys (and defaults) that data=json brings
+    groups = {"train": REFERENCE_OPTIONS, "eval": {"data": REFERENCE_OPTIONS["data"]}}.get(command, {})
+    extra = ["data=json"] if command == "eval" else []
+    defaults = OmegaConf.to_container(_compose_raw(command, extra, None)[0], resolve=False)
+    rows = key_rows(SCHEMAS[command], defaults, conf_comments(conf, command, groups))
+    return [f"keys of qdylora {command} (KEY=VALUE; defaults of conf/{command}.yaml{_default_note(command)}):",
+            *key_table(rows)]
+
+
+def _default_note(command: str) -> str:
+    if command == "train":
+        chosen = ", ".join(f"{g}={o}" for g, o in _defaults("train").items())
+        return f" with {chosen}; a recipe or option changes some"
+    return " with data=json" if command == "eval" else ""
+
+
 def help_epilog(command: str | None, config_dir: str | Path | None = None) -> str:
     root = config_root()
     lines = []
     if command is None:
-        lines += ["commands:"] + [f"  {name:<8} {text}" for name, text in COMMANDS.items()] + [""]
+        lines += ["commands:"] + [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+        lines += ["  help      this help; `qdylora help COMMAND` is `qdylora COMMAND --help`", ""]
     if command in (None, "train"):
         user = _user_dir(config_dir)
         lines.append("recipes (+recipe=NAME):")
@@ -236,13 +304,15 @@ def help_epilog(command: str | None, config_dir: str | Path | None = None) -> st
             "  qdylora train +recipe=tiny",
             "  qdylora train +recipe=tiny adapter.r_max=16 train.max_steps=100 run_dir=runs/r16",
             "  qdylora train model=hf model.name_or_path=./my-model data=json data.path=train.jsonl",
+            "  qdylora train model=hf model.name_or_path=./my-model data=chat data.path=chat.jsonl data.packing=true",
             "  qdylora eval +recipe=tiny rank=1..8",
+            "  qdylora generate +recipe=tiny rank=[1,4,8] prompt='Reverse the word.' input=star",
             "  qdylora export +recipe=tiny rank=4 format=merged",
+            "",
         ]
-    else:
-        lines += [f"keys (conf/{command}.yaml):"]
-        body = (root / "conf" / f"{command}.yaml").read_text().splitlines()
-        lines += ["  " + line for line in body if line and not line.startswith("#")]
+    lines += key_reference(command or "train")
+    if command is None:
+        lines += ["", "keys of eval, export and generate: qdylora COMMAND --help"]
     lines += [
         "",
         "Every key can be set as KEY=VALUE; `qdylora COMMAND ... --cfg` prints the result.",
@@ -252,6 +322,16 @@ def help_epilog(command: str | None, config_dir: str | Path | None = None) -> st
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors, and an epilog built only when the help is shown (it composes configs)."""
+
+    def __init__(self, *args: Any, epilog_for: tuple[str | None, str | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epilog_for = epilog_for
+
+    def format_help(self) -> str:
+        self.epilog = help_epilog(*self.epilog_for)
+        return super().format_help()
+
     def error(self, message: str) -> Any:  # argparse's usage + message would be two lines
         raise QdyloraError(f"{self.prog}: {message} (see {self.prog} --help)")
 
@@ -261,9 +341,9 @@ def _parser(command: str | None, config_dir: str | None) -> _Parser:
     parser = _Parser(
         prog=prog,
         description=COMMANDS.get(command, "QDyLoRA fine-tuning: a 4-bit NF4 base and LoRA adapters good at every rank."),
-        epilog=help_epilog(command, config_dir),
+        epilog_for=(command, config_dir),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{prog} [--config-dir DIR] [--cfg] [KEY=VALUE ...] [+recipe=NAME]" if command else "qdylora COMMAND ...",
+        usage=f"{prog} [--config-dir DIR] [--cfg] [KEY=VALUE ...] [+recipe=NAME]" if command else "qdylora COMMAND ... | qdylora help [COMMAND]",
     )
     parser.add_argument("--version", action="version", version=f"qdylora {__version__}")
     if command is not None:
@@ -289,11 +369,13 @@ def _launch_processes(cfg: TrainConfig, argv: list[str]) -> int | None:
 
 def run(argv: list[str]) -> int:
     """Parse, compose, validate, then import and run the command; returns the exit code."""
+    if argv[:1] == ["help"]:  # `qdylora help [COMMAND]`
+        argv = [*argv[1:2], "--help"]
     if not argv or argv[0] not in COMMANDS:
         parser = _parser(None, None)
         if not argv:
             parser.print_help()
-            return 2
+            return 0
         if argv[0] in ("-h", "--help", "--version"):
             parser.parse_args(argv)  # prints and exits
         parser.error(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}")
@@ -308,21 +390,28 @@ def run(argv: list[str]) -> int:
         return 0
     if command == "train" and (code := _launch_processes(cfg, argv)) is not None:
         return code
+    quiet_libraries()
     importlib.import_module(MODULES[command]).run(cfg)
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors print one line and exit 2."""
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_time=False, show_path=False)])
+    """Console entry point: user errors print one line and exit 2 (1 when the machine ran out of memory)."""
+    setup_logging()
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except QdyloraError as e:
         print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)
-        code = 2
+        code = e.exit_code
+    except Interrupted as e:  # a signal, after the checkpoint was saved
+        print(e, file=sys.stderr)
+        code = e.exit_code
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory in `qdylora {' '.join((argv or sys.argv[1:])[:1])}` ({str(e).splitlines()[0][:120]}); "
+              "use smaller batches or a shorter sequence length", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint itself): nothing to keep
         print("interrupted", file=sys.stderr)
         code = 130

@@ -7,10 +7,8 @@ paths. Every problem becomes one `QdyloraError` line naming the key and what was
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn, get_args, get_type_hints
 
@@ -27,6 +25,7 @@ from qdylora_cli.choices import (
     ADAPTER_MODES,
     ADAPTER_SCALES,
     ADAPTER_VARIANTS,
+    DATA_FORMATS,
     DTYPES,
     MIXED_PRECISION,
     NF4_BLOCKSIZES,
@@ -35,15 +34,14 @@ from qdylora_cli.choices import (
     RANK_SCHEDULES,
     RETIRED_OPTIMIZERS,
     SCHEDULERS,
+    TEMPLATES,
+    TRACKERS,
 )
 from qdylora_cli.errors import QdyloraError
 
-DATA_FORMATS = ("alpaca", "text", "hf")
-TEMPLATES = ("alpaca", "plain")
 EVAL_TASKS = ("none", "gsm8k", "mcq")
 EXPORT_FORMATS = ("peft", "merged")
 SEARCH_DATA = ("validation", "train")  # qdylora allocate: what the search measures on
-EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run it came from
 BUILTIN_DATA = ("builtin:tiny-instructions",)
 
 
@@ -55,7 +53,7 @@ class ModelConfig:
     name_or_path: str | None = None  # hub id or local directory; null when `config` builds the model
     config: dict[str, Any] | None = None  # a Hugging Face config (with model_type): fresh weights from init_seed
     tokenizer: str | None = None  # path, hub id or `byte`; null: the model's own
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bfloat16 (float16 without bf16) on a GPU, float32 on a CPU
     trust_remote_code: bool = False
     init_seed: int = 0
 
@@ -78,6 +76,13 @@ class DataConfig:
     group_by_length: bool = True
     block_size: int = 512
     max_samples: int | None = None
+    messages_field: str | None = None  # chat: the field with the messages (null: `messages`); hf: set it for chat
+    role_field: str = "role"
+    content_field: str = "content"
+    system_prompt: str | None = None  # chat: first message of records that have no system message
+    chat_template: str | None = None  # chat: Jinja text, a file, or `chatml`; null: the tokenizer's own
+    max_length: int = 2048  # chat: tokens kept per conversation; packing: tokens per row
+    packing: bool = False
 
 
 @dataclass
@@ -119,21 +124,24 @@ class OptimizerConfig:
 
 @dataclass
 class LoopConfig:
-    max_steps: int = 1875
+    max_steps: int | None = 1875
+    num_epochs: int | None = None  # the alternative to max_steps: exactly one of them is set
     batch_size: int = 1
     grad_accum: int = 16
     seed: int = 42
     save_every: int = 250
     keep_last: int = 3
     eval_every: int = 200
-    eval_ranks: list[int] | None = None  # null: [1, r_max/4, r_max]
+    eval_ranks: Any = None  # a rank spec as for `eval rank=` (1..8, [1,2,4], all); null: [1, r_max/4, r_max]
     eval_batches: int = 20
     log_every: int = 10
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = None  # null: on with a GPU, off on a CPU
     max_grad_norm: float = 0.3
     max_bad_steps: int = 10
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"  # auto: from model.dtype
     resume: bool = False
+    cpu_threads: str = "auto"  # without a GPU: auto (by model size) or a count
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, mlflow
 
 
 @dataclass
@@ -170,7 +178,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     max_samples: int | None = None
     tolerance: float = 0.01
-    out_dir: str | None = None  # null: RUN_DIR/eval
+    out_dir: str | None = None  # null: RUN_DIR/eval/<task>-<data name>
     overwrite: bool = False
 
 
@@ -184,6 +192,25 @@ class ExportConfig:
     out_dir: str | None = None  # null: RUN_DIR/export/rank-B-FORMAT
     overwrite: bool = False
     allocation: str | None = None  # an allocation.json (a rank per module) instead of `rank`
+
+
+@dataclass
+class GenerateConfig:
+    name: str = "default"
+    run_dir: str = "runs/${name}"
+    rank: Any = None  # a rank spec (8, [1,4,8], 1..8); null: r_max, or a merged export's rank
+    prompt: str | None = None  # literal text (cli.py keeps Hydra from parsing it)
+    input: str | None = None  # the template's optional input, with `prompt`
+    prompts: str | None = None  # a file: one prompt per line, or JSONL records
+    raw: bool = False  # true: the prompt text as is, without the run's template
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    ranks_per_pass: int = 8
+    out_file: str | None = None  # JSONL of every answer; null: print only
+    overwrite: bool = False
 
 
 @dataclass
@@ -203,8 +230,10 @@ class AllocateConfig:
     overwrite: bool = False
 
 
-SCHEMAS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "export": ExportConfig,
-                            "allocate": AllocateConfig}
+SCHEMAS: dict[str, type] = {
+    "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig, "generate": GenerateConfig,
+    "allocate": AllocateConfig,
+}
 
 
 # --- composed YAML -> typed object ------------------------------------------------------------------
@@ -318,11 +347,21 @@ def validate_model(m: ModelConfig, check_paths: bool) -> None:
                   "null when model.config builds the model (use model=hf to load a pretrained one)")
         if "model_type" not in m.config:
             _fail("model.config", "{...}", "a Hugging Face config with a model_type key (e.g. llama)")
-    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.dtype", m.dtype, ("auto", *DTYPES))
     if check_paths:
         _existing("model.name_or_path", m.name_or_path, local_only=False)
         if m.tokenizer != "byte":
             _existing("model.tokenizer", m.tokenizer, local_only=False)
+
+
+def is_chat(d: DataConfig) -> bool:
+    """Conversations (lists of messages): `format=chat`, or an `hf` dataset with a messages column."""
+    return d.format == "chat" or (d.format == "hf" and d.messages_field is not None)
+
+
+def is_inline_template(text: str) -> bool:
+    """A `data.chat_template` value that is Jinja text itself rather than a file name."""
+    return "{{" in text or "{%" in text
 
 
 def validate_data(d: DataConfig, check_paths: bool, key: str = "data") -> None:
@@ -331,8 +370,16 @@ def validate_data(d: DataConfig, check_paths: bool, key: str = "data") -> None:
     _fraction(f"{key}.val_fraction", d.val_fraction)
     for name in ("source_max_len", "target_max_len", "block_size"):
         _at_least(f"{key}.{name}", getattr(d, name), 1)
+    _at_least(f"{key}.max_length", d.max_length, 2)
     if d.max_samples is not None:
         _at_least(f"{key}.max_samples", d.max_samples, 1)
+    _validate_chat_keys(d, check_paths, key)
+    if d.packing and (d.format == "text" or (d.format == "hf" and d.text_field is not None)):
+        _fail(f"{key}.packing", d.packing, f"false for a text corpus (its blocks of {key}.block_size are already full)")
+    if d.packing and not is_chat(d) and d.max_length < d.source_max_len + d.target_max_len:
+        _fail(f"{key}.max_length", d.max_length,
+              f">= {key}.source_max_len + {key}.target_max_len ({d.source_max_len + d.target_max_len}) "
+              "with packing, so that every example fits in a row")
     if d.path.startswith("builtin:"):
         if d.path not in BUILTIN_DATA:
             _fail(f"{key}.path", d.path, "one of " + ", ".join(BUILTIN_DATA))
@@ -345,8 +392,30 @@ def validate_data(d: DataConfig, check_paths: bool, key: str = "data") -> None:
         _existing(f"{key}.val_path", d.val_path, local_only=d.format != "hf")
 
 
+def _validate_chat_keys(d: DataConfig, check_paths: bool, key: str) -> None:
+    if d.messages_field == "":
+        _fail(f"{key}.messages_field", d.messages_field,
+              "the record field holding the list of messages (messages; conversations for ShareGPT)")
+    if d.format in ("alpaca", "text") and d.messages_field is not None:
+        _fail(f"{key}.messages_field", d.messages_field, "null unless data.format is chat or hf")
+    if d.format == "hf" and d.messages_field is not None and d.text_field is not None:
+        _fail(f"{key}.text_field", d.text_field, f"null when {key}.messages_field is set (one kind of data at a time)")
+    if not is_chat(d):
+        for name in ("system_prompt", "chat_template"):
+            if getattr(d, name) is not None:
+                _fail(f"{key}.{name}", getattr(d, name), "null unless the data is chat (data=chat)")
+        return
+    for name in ("role_field", "content_field"):
+        if not getattr(d, name):
+            _fail(f"{key}.{name}", getattr(d, name), "a field name, e.g. role/content (from/value for ShareGPT)")
+    template = d.chat_template
+    if template is not None and template != "chatml" and not is_inline_template(template):
+        if check_paths and not Path(template).expanduser().is_file():
+            _fail(f"{key}.chat_template", template, "Jinja text (with {{ or {%), chatml, or an existing file")
+
+
 def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
-    """Ranges, choices and paths of a train config; returns it unchanged."""
+    """Ranges, choices and paths of a train config; returns it with train.eval_ranks as a list of ints."""
     validate_model(cfg.model, check_paths)
     validate_data(cfg.data, check_paths)
     q, a, rs, o, t = cfg.quant, cfg.adapter, cfg.rank_schedule, cfg.optimizer, cfg.train
@@ -388,14 +457,21 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         _fail("optimizer.betas", o.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
     _fraction("optimizer.warmup_ratio", o.warmup_ratio)
 
-    for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "eval_batches", "log_every", "max_bad_steps"):
-        _at_least(f"train.{name}", getattr(t, name), 1)
+    if (t.max_steps is None) == (t.num_epochs is None):
+        hint = "set train.max_steps=null to train by epochs" if t.num_epochs is not None else "set one of them"
+        _fail("train.num_epochs", t.num_epochs, f"exactly one of train.max_steps and train.num_epochs ({hint})")
+    for name in ("max_steps", "num_epochs", "batch_size", "grad_accum", "keep_last", "eval_batches", "log_every",
+                 "max_bad_steps"):
+        if getattr(t, name) is not None:
+            _at_least(f"train.{name}", getattr(t, name), 1)
     for name in ("seed", "save_every", "eval_every", "max_grad_norm"):
         _at_least(f"train.{name}", getattr(t, name), 0)
-    for r in t.eval_ranks or []:
-        if not 0 <= r <= a.r_max:
-            _fail("train.eval_ranks", t.eval_ranks, f"ranks in 0..adapter.r_max ({a.r_max}); 0 is the base model")
-    _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    if t.eval_ranks is not None:  # the same syntax as `eval rank=`; the training loop gets the list
+        t.eval_ranks = parse_rank_spec(t.eval_ranks, a.r_max, key="train.eval_ranks")
+    _choice("train.mixed_precision", t.mixed_precision, ("auto", *MIXED_PRECISION))
+    for tracker in t.report_to:
+        _choice("train.report_to", tracker, TRACKERS)
+    parse_threads("train.cpu_threads", t.cpu_threads)
     _at_least("launcher.num_processes", cfg.launcher.num_processes, 1)
     if not cfg.run_dir:
         _fail("run_dir", cfg.run_dir, "a directory")
@@ -411,6 +487,8 @@ def validate_eval(cfg: EvalConfig, r_max: int, merged_rank: int | None = None) -
         parse_rank_spec(cfg.rank, r_max)
     if cfg.data is not None:
         validate_data(cfg.data, check_paths=True)
+        if cfg.data.packing:
+            _fail("data.packing", True, "false for eval (losses are measured example by example)")
     _at_least("batch_size", cfg.batch_size, 1)
     _at_least("ranks_per_pass", cfg.ranks_per_pass, 1)
     for name in ("max_batches", "max_samples"):
@@ -419,6 +497,30 @@ def validate_eval(cfg: EvalConfig, r_max: int, merged_rank: int | None = None) -
     _choice("task", cfg.task, EVAL_TASKS)
     _at_least("max_new_tokens", cfg.max_new_tokens, 1)
     _at_least("tolerance", cfg.tolerance, 0)
+    return cfg
+
+
+def validate_generate(cfg: GenerateConfig, r_max: int, merged_rank: int | None = None) -> GenerateConfig:
+    """`merged_rank`: the run_dir is a merged export, which holds that one rank and nothing else."""
+    if merged_rank is not None:
+        if cfg.rank not in (None, merged_rank, str(merged_rank)):
+            _fail("rank", cfg.rank, f"{merged_rank} or null: {cfg.run_dir} is a merged export of rank {merged_rank}")
+    elif cfg.rank is not None:
+        parse_rank_spec(cfg.rank, r_max)
+    if (cfg.prompt is None) == (cfg.prompts is None):
+        raise QdyloraError('give one of prompt="TEXT" or prompts=FILE (one prompt per line, or JSONL)')
+    if cfg.input is not None and cfg.prompt is None:
+        _fail("input", cfg.input, "null with prompts=FILE (each record there has its own input field)")
+    if cfg.prompts is not None and not Path(cfg.prompts).expanduser().is_file():
+        _fail("prompts", cfg.prompts, "an existing file")
+    for name in ("max_new_tokens", "batch_size", "ranks_per_pass"):
+        _at_least(name, getattr(cfg, name), 1)
+    _at_least("seed", cfg.seed, 0)
+    _at_least("temperature", cfg.temperature, 0)
+    if not 0 < cfg.top_p <= 1:
+        _fail("top_p", cfg.top_p, "a number in (0, 1]")
+    if cfg.temperature == 0 and cfg.top_p != 1:
+        _fail("top_p", cfg.top_p, "1.0 with temperature=0 (greedy decoding); set temperature > 0 to sample")
     return cfg
 
 
@@ -443,6 +545,16 @@ def validate_export(cfg: ExportConfig, r_max: int) -> ExportConfig:
     if cfg.dtype is not None:
         _choice("dtype", cfg.dtype, DTYPES)
     return cfg
+
+
+def parse_threads(key: str, value: str | int) -> int | None:
+    """A CPU thread setting: `auto` -> None, a positive count -> itself; else a one-line error naming `key`."""
+    text = str(value).strip()
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        _fail(key, value, "auto or a number of threads >= 1")
+    return int(text)
 
 
 def validate_allocate(cfg: AllocateConfig, r_max: int) -> AllocateConfig:
@@ -488,6 +600,9 @@ def parse_rank_spec(spec: Any, r_max: int, key: str = "rank") -> list[int]:
 
     0 is the base model without adapters. Hydra hands over ints and lists as such, strings otherwise.
     Errors name `key`.
+
+
+    `key` names the setting in error messages.
     """
     usage = "a rank spec like 8, 1..64, 1..64:4, [1,2,4,8] or all"
     if isinstance(spec, bool):
@@ -519,7 +634,7 @@ def parse_rank_spec(spec: Any, r_max: int, key: str = "rank") -> list[int]:
     return sorted(set(ranks))
 
 
-def _rank_item(x: Any, spec: Any, usage: str, key: str = "rank") -> int:
+def _rank_item(x: Any, spec: Any, usage: str, key: str) -> int:
     if isinstance(x, int) and not isinstance(x, bool):
         return x
     if isinstance(x, str) and x.isdigit():
@@ -530,62 +645,42 @@ def _rank_item(x: Any, spec: Any, usage: str, key: str = "rank") -> int:
 # --- run directories ---------------------------------------------------------------------------------
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its local paths made absolute, so a run's config.yaml works from any directory."""
+
+    def fixed(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path and looks_local(path) else path
+
+    m, d = cfg.model, cfg.data
+    return replace(cfg, run_dir=str(Path(cfg.run_dir).expanduser().resolve()),
+                   model=replace(m, name_or_path=fixed(m.name_or_path),
+                                 tokenizer=m.tokenizer if m.tokenizer == "byte" else fixed(m.tokenizer)),
+                   data=replace(d, path=d.path if d.path.startswith("builtin:") else fixed(d.path),
+                                val_path=fixed(d.val_path)))
 
 
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The typed train config a run was made with (paths are not re-checked: eval may run elsewhere)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise QdyloraError(f"{run_dir} is not a qdylora run directory (it has no config.yaml)")
-    try:
-        node = OmegaConf.load(path)
-    except Exception as e:  # any YAML problem is the file's fault
-        raise QdyloraError(f"{path}: not a readable config ({str(e).splitlines()[0]})") from None
-    return validate_train(to_typed("train", upgrade_saved_config(node)), check_paths=False)
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """{"adapter.r_max": 64, ...}: every key of a config as a dotted name (model.config stays one value)."""
+
+    def walk(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and key != "config":
+                out |= walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    return walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
 
 
-def upgrade_saved_config(node: DictConfig) -> DictConfig:
-    """A run config saved by qdylora 0.1, with the values that reproduce it for keys added since.
-
-    0.1 scaled rank b by α/b and drew one rank per step; its bitsandbytes optimizers became adamw.
-    """
-    node = OmegaConf.create(OmegaConf.to_container(node))  # a copy, without the struct flag
-    if "adapter" in node and "scale" not in node.adapter:
-        node.adapter.scale = "alpha_over_rank"
-    if "rank_schedule" in node and "ranks_per_step" not in node.rank_schedule:
-        node.rank_schedule.ranks_per_step = 1
-    if "optimizer" in node and node.optimizer.get("name") in RETIRED_OPTIMIZERS:
-        node.optimizer.name = "adamw"
-    return node
-
-
-def load_export_info(path: str | Path) -> dict[str, Any] | None:
-    """What `qdylora export` recorded in a merged model directory (rank, source run, its config); else None."""
-    info = Path(path) / EXPORT_INFO
-    if not info.is_file():
-        return None
-    try:
-        return json.loads(info.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QdyloraError(f"{info}: not readable JSON ({e})") from None
-
-
-def load_eval_source(path: str | Path) -> tuple[TrainConfig, int | None]:
-    """The train config behind a run dir or a merged export, and the export's rank (None for a run)."""
-    info = None if (Path(path) / "config.yaml").is_file() else load_export_info(path)
-    if info is None:
-        return load_run_config(path), None
-    if "run_config" not in info or "rank" not in info:
-        raise QdyloraError(f"{Path(path) / EXPORT_INFO}: missing run_config or rank; re-export the model")
-    if info["rank"] is None:
-        raise QdyloraError(f"{path} is a merged export of an allocation (a rank per layer), not of one rank: its loss "
-                           "is in the allocation's summary.json (qdylora allocate)")
-    cfg = validate_train(to_typed("train", upgrade_saved_config(OmegaConf.create(info["run_config"]))), check_paths=False)
-    return cfg, int(info["rank"])
+def unflatten(flat: dict[str, Any]) -> DictConfig:
+    """The inverse of `flat_config`, as a DictConfig for `to_typed`."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return OmegaConf.create(tree)

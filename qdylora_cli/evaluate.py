@@ -2,10 +2,11 @@
 
 The base weights are the same for every rank, so ranks are evaluated together: the batch is
 repeated once per rank and each adapter applies its own rank to its chunk (`set_rank` with a
-tuple), so every NF4 weight is dequantized once per batch for all ranks. Greedy generation for
-task metrics batches ranks the same way.
+tuple), so every NF4 weight is dequantized once per batch for all ranks. Generation for task
+metrics (and for `qdylora generate`) batches ranks the same way.
 
-Results go to RUN_DIR/eval: ranks.json, ranks.csv, ranks.png and summary.json, written atomically.
+Results go to RUN_DIR/eval/<task>-<data name> (or out_dir), written atomically: ranks.json,
+ranks.csv, ranks.png, summary.json, and for a task generations.jsonl (every answer, scored).
 """
 
 from __future__ import annotations
@@ -18,18 +19,32 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
-from transformers import AutoModelForCausalLM
+from transformers import LogitsProcessorList
 
 from qdylora_cli.adapters import set_chunk_ranks, set_rank
-from qdylora_cli.checkpoint import atomic_dir, check_writable
-from qdylora_cli.config import DataConfig, EvalConfig, load_eval_source, load_export_info, parse_rank_spec
+from qdylora_cli.chat import (
+    ChatTemplate,
+    TurnEnd,
+    find_turn_end,
+    generation_prompt,
+    parse_messages,
+    resolve_template,
+    tokenize_conversations,
+)
+from qdylora_cli.config import (
+    DataConfig,
+    EvalConfig,
+    QuantConfig,
+    is_chat,
+    parse_rank_spec,
+)
 from qdylora_cli.data import (
     collate,
     format_prompt,
@@ -40,10 +55,23 @@ from qdylora_cli.data import (
     tokenize_pairs,
 )
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.loading import dtype_kwarg
+from qdylora_cli.loading import load_quantized
 from qdylora_cli.model import load_run_model, load_tokenizer, torch_dtype
+from qdylora_cli.rundir import (
+    EVAL,
+    atomic_dir,
+    check_writable,
+    load_eval_source,
+    load_export_info,
+    note_if_training,
+)
+from qdylora_cli.sampling import Sampling, SharedNoiseSampler
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TASK_METRIC = {"gsm8k": "exact_match", "mcq": "accuracy"}  # higher is better; task none ranks by loss
+GENERATIONS = "generations.jsonl"  # a task's every answer, per rank, with its reference and score
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -114,10 +142,11 @@ def rank_losses(
 @dataclass
 class TaskExample:
     where: str  # file:line, for error messages
-    prompt: str
+    prompt: str  # chat data: rendered from `messages` once the tokenizer is loaded
     target: str  # the text whose loss is measured: the reference answer, or the correct letter
     gold: str | int  # gsm8k: the normalised number; mcq: the index of the correct choice
     n_choices: int = 0  # mcq only
+    messages: list[dict[str, str]] | None = None  # chat data: the conversation up to the answer
 
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -142,7 +171,7 @@ def gsm8k_prediction(generated: str) -> str:
     return normalize_number(numbers[-1]) if numbers else ""
 
 
-def _mcq_gold(where: str, answer: Any, choices: list[str], key: str) -> int:
+def _mcq_gold(where: str, answer: Any, choices: list[str], name: str) -> int:
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         return answer
     if isinstance(answer, str):
@@ -152,31 +181,43 @@ def _mcq_gold(where: str, answer: Any, choices: list[str], key: str) -> int:
         if text in choices:
             return choices.index(text)
     raise QdyloraError(
-        f"{where}: field {key!r}={answer!r}: expected a choice letter, a 0-based index below {len(choices)} or a choice's text"
+        f"{where}: {name}={answer!r}: expected a choice letter, a 0-based index below {len(choices)} or a choice's text"
     )
 
 
 def _task_example(task: str, where: str, record: Any, data: DataConfig, choices_field: str) -> TaskExample:
-    if not isinstance(record, dict):
-        raise QdyloraError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    question, answer = record.get(data.instruction_field), record.get(data.output_field)
-    if not isinstance(question, str):
-        raise QdyloraError(f"{where}: missing text field {data.instruction_field!r} (set data.instruction_field)")
-    input_ = record.get(data.input_field) or ""
+    """One scored example. Chat records: the last message is the assistant's reference answer."""
+    if is_chat(data):
+        messages = parse_messages(where, record, data)
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise QdyloraError(f"{where}: the last message must be the assistant's reference answer to a question")
+        answer, name = messages[-1]["content"], "the last message"
+    else:
+        if not isinstance(record, dict):
+            raise QdyloraError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        question = record.get(data.instruction_field)
+        if not isinstance(question, str):
+            raise QdyloraError(f"{where}: missing text field {data.instruction_field!r} (set data.instruction_field)")
+        answer, name = record.get(data.output_field), f"field {data.output_field!r}"
     if task == "gsm8k":
         if not isinstance(answer, str) or "####" not in answer:
-            raise QdyloraError(f"{where}: field {data.output_field!r} must be a GSM8K answer ending in '#### N'")
+            raise QdyloraError(f"{where}: {name} must be a GSM8K answer ending in '#### N'")
         gold = normalize_number(answer.rsplit("####", 1)[1])
         if not gold:
-            raise QdyloraError(f"{where}: field {data.output_field!r} has nothing after '####'")
-        return TaskExample(where, format_prompt(data.template, question, input_), answer, gold)
-    choices = record.get(choices_field)
-    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
-        raise QdyloraError(f"{where}: field {choices_field!r} must be a list of 2 to 26 strings (set choices_field)")
-    gold = _mcq_gold(where, answer, choices, data.output_field)
-    listed = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    prompt = format_prompt(data.template, f"{question}\n{listed}\nAnswer with the letter of the correct choice.", input_)
-    return TaskExample(where, prompt, LETTERS[gold], gold, len(choices))
+            raise QdyloraError(f"{where}: {name} has nothing after '####'")
+        target, n_choices, ask = answer, 0, ""
+    else:
+        choices = record.get(choices_field)
+        if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
+            raise QdyloraError(f"{where}: field {choices_field!r} must be a list of 2 to 26 strings (set choices_field)")
+        gold = _mcq_gold(where, answer, choices, name)
+        listed = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+        target, n_choices, ask = LETTERS[gold], len(choices), f"\n{listed}\nAnswer with the letter of the correct choice."
+    if is_chat(data):  # the choices follow the question, the message before the answer
+        asked = [*messages[:-2], {**messages[-2], "content": messages[-2]["content"] + ask}]
+        return TaskExample(where, "", target, gold, n_choices, messages=asked)
+    prompt = format_prompt(data.template, question + ask, record.get(data.input_field) or "")
+    return TaskExample(where, prompt, target, gold, n_choices)
 
 
 def task_examples(cfg: EvalConfig, data: DataConfig, seed: int, held_out: bool) -> list[TaskExample]:
@@ -197,12 +238,12 @@ def task_examples(cfg: EvalConfig, data: DataConfig, seed: int, held_out: bool) 
 
 
 def _prompts_at_ranks(
-    model: Any, tokenizer: Any, prompts: list[str], ranks: Sequence[int], device: torch.device
+    model: Any, tokenizer: Any, prompts: list[str], ranks: Sequence[int], device: torch.device, chat: bool = False
 ) -> dict[str, torch.Tensor]:
     """Set one rank per chunk and return the prompts, left-padded (every row's next token at the
-    same position) and repeated once per rank."""
+    same position) and repeated once per rank. Chat prompts hold their special tokens already."""
     set_rank(model, ranks[0] if len(ranks) == 1 else tuple(ranks))
-    ids = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+    ids = tokenizer(prompts, add_special_tokens=not chat, verbose=False)["input_ids"]
     width = max(map(len, ids))
     pad = pad_token_id(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
@@ -211,27 +252,44 @@ def _prompts_at_ranks(
 
 
 @torch.no_grad()
-def greedy_generate(
-    model: Any, tokenizer: Any, prompts: list[str], ranks: Sequence[int], max_new_tokens: int, device: torch.device
+def generate_at_ranks(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    ranks: Sequence[int],
+    max_new_tokens: int,
+    device: torch.device,
+    sampling: Sampling | None = None,
+    turn_end: TurnEnd | None = None,
 ) -> dict[int, list[str]]:
-    """Greedy continuations of `prompts` at each rank, all ranks in one batched `generate`."""
-    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device)
+    """Continuations of `prompts` at each rank, all ranks in one batched `generate`.
+
+    Greedy without `sampling`; with it, sampled so that a prompt gets the same random draws at
+    every rank and in any batch (sampling.py): one call for several ranks equals one call per rank.
+    `turn_end`: the prompts are rendered chat; a continuation ends with the assistant's turn.
+    """
+    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device, chat=turn_end is not None)
+    sampler = LogitsProcessorList([SharedNoiseSampler(sampling, prompts * len(ranks))]) if sampling else None
+    stop_ids = [tokenizer.eos_token_id, *(turn_end.token_ids if turn_end else [])]
     out = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        pad_token_id=pad_token_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, logits_processor=sampler,
+        pad_token_id=pad_token_id(tokenizer), eos_token_id=stop_ids,
     )
     texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    if turn_end is not None and turn_end.text:
+        texts = [text.split(turn_end.text, 1)[0] for text in texts]
     n = len(prompts)
     return {r: texts[i * n : (i + 1) * n] for i, r in enumerate(ranks)}
 
 
 @torch.no_grad()
 def choice_predictions(
-    model: Any, tokenizer: Any, prompts: list[str], n_choices: list[int], ranks: Sequence[int], device: torch.device
+    model: Any, tokenizer: Any, prompts: list[str], n_choices: list[int], ranks: Sequence[int], device: torch.device,
+    chat: bool = False,
 ) -> dict[int, list[int]]:
     """The choice each rank picks: greedy decoding restricted to the valid letters (their first token)."""
     letter_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in LETTERS]
-    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device)
+    inputs = _prompts_at_ranks(model, tokenizer, prompts, ranks, device, chat=chat)
     logits = model(**inputs).logits[:, -1].float().cpu()
     n = len(prompts)
     picks: dict[int, list[int]] = {}
@@ -243,36 +301,65 @@ def choice_predictions(
 
 def task_scores(
     model: Any, tokenizer: Any, examples: list[TaskExample], task: str, ranks: Sequence[int], cfg: EvalConfig,
-    device: torch.device,
-) -> dict[int, float]:
-    """Exact match (gsm8k) or accuracy (mcq) per rank, in [0, 1]."""
+    device: torch.device, turn_end: TurnEnd | None = None,
+) -> tuple[dict[int, float], list[dict]]:
+    """Exact match (gsm8k) or accuracy (mcq) per rank, in [0, 1], and one record per (example, rank):
+    what the rank generated (or the letter it picked), the reference and whether it scored.
+    `turn_end`: chat prompts (see generate_at_ranks)."""
     correct = dict.fromkeys(ranks, 0)
+    generations = []
     batches = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
     for batch in track(batches, description=f"{task} ({len(ranks)} ranks)", transient=True):
         prompts = [e.prompt for e in batch]
         for idx in _groups(len(ranks), cfg.ranks_per_pass):
             group = [ranks[i] for i in idx]
             if task == "gsm8k":
-                texts = greedy_generate(model, tokenizer, prompts, group, cfg.max_new_tokens, device)
-                for r in group:
-                    correct[r] += sum(gsm8k_prediction(t) == e.gold for t, e in zip(texts[r], batch))
+                texts = generate_at_ranks(model, tokenizer, prompts, group, cfg.max_new_tokens, device,
+                                          turn_end=turn_end)
+                answers = {r: [(t, gsm8k_prediction(t)) for t in texts[r]] for r in group}
             else:
-                picks = choice_predictions(model, tokenizer, prompts, [e.n_choices for e in batch], group, device)
-                for r in group:
-                    correct[r] += sum(p == e.gold for p, e in zip(picks[r], batch))
-    return {r: correct[r] / len(examples) for r in ranks}
+                picks = choice_predictions(model, tokenizer, prompts, [e.n_choices for e in batch], group, device,
+                                           chat=turn_end is not None)
+                answers = {r: [(LETTERS[p], p) for p in picks[r]] for r in group}
+            for r in group:
+                for e, (generated, predicted) in zip(batch, answers[r]):
+                    hit = predicted == e.gold
+                    correct[r] += hit
+                    generations.append({
+                        "rank": r, "where": e.where, "prompt": e.prompt, "reference": e.target,
+                        "gold": e.gold if task == "gsm8k" else LETTERS[e.gold],
+                        "generation": generated, "prediction": predicted if task == "gsm8k" else LETTERS[predicted],
+                        "correct": bool(hit),
+                    })
+    generations.sort(key=lambda g: g["rank"])  # stable: examples keep their order within a rank
+    return {r: correct[r] / len(examples) for r in ranks}, generations
 
 
 # --- choosing a rank -----------------------------------------------------------------------------------
 
 
-def recommend(scores: dict[int, float], higher_is_better: bool, tolerance: float) -> tuple[int, int] | None:
-    """(best rank, smallest rank within `tolerance` (relative) of the best) among ranks > 0; None if none."""
+def metric_is_flat(scores: dict[int, float]) -> bool:
+    """Several adapted ranks all score the same (e.g. an exact match of 0 everywhere): the metric picks none."""
+    values = [v for r, v in scores.items() if r > 0]
+    return len(values) > 1 and len(set(values)) == 1
+
+
+def recommend(
+    scores: dict[int, float], higher_is_better: bool, tolerance: float, losses: dict[int, float] | None = None
+) -> tuple[int, int] | None:
+    """(best rank, smallest rank within `tolerance` (relative) of the best) among ranks > 0; None if none.
+
+    With `losses` beside a task metric, a tie in the metric goes to the lower loss, and a flat
+    metric leaves the choice to the loss alone: an exact match of 0 at every rank says nothing.
+    """
     ranks = sorted(r for r in scores if r > 0)
     if not ranks:
         return None
+    if losses is not None and metric_is_flat(scores):
+        return recommend({r: losses[r] for r in ranks}, higher_is_better=False, tolerance=tolerance)
     if higher_is_better:
-        best = max(ranks, key=lambda r: (scores[r], -r))
+        tie_break = losses or {}
+        best = max(ranks, key=lambda r: (scores[r], -tie_break.get(r, 0.0), -r))
         good = [r for r in ranks if scores[r] >= scores[best] * (1 - tolerance)]
     else:
         best = min(ranks, key=lambda r: (scores[r], r))
@@ -283,35 +370,54 @@ def recommend(scores: dict[int, float], higher_is_better: bool, tolerance: float
 # --- output --------------------------------------------------------------------------------------------
 
 
-def _write_plot(path: Path, rows: list[dict], metric: str, pick: tuple[int, int] | None, title: str) -> None:
-    import matplotlib
+def base_in_view(values: list[float], base: float) -> bool:
+    """Whether the base model's line can share the axis with the curve without squashing it: it lies
+    within one curve height of the curve (10% of the value for a single point)."""
+    low, high = min(values), max(values)
+    margin = (high - low) or abs(high) * 0.1
+    return low - margin <= base <= high + margin
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+
+def rank_figure(rows: list[dict], metric: str, pick: tuple[int, int] | None, title: str, data_name: str) -> Figure:
+    """The metric against the rank: the base model as a line (or a legend note when far off), best and recommended.
+
+    A bare Figure, not pyplot: no display backend and no global figure to close.
+    """
+    from matplotlib.figure import Figure
 
     adapted = [r for r in rows if r["rank"] > 0]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot([r["rank"] for r in adapted], [r[metric] for r in adapted], "o-", label="QDyLoRA at rank b")
-    base = next((r for r in rows if r["rank"] == 0), None)
-    if base is not None:
-        ax.axhline(base[metric], color="gray", linestyle="--", label="base model (no adapter)")
+    values = [r[metric] for r in adapted]
+    fig = Figure(figsize=(6.4, 4))
+    ax = fig.subplots()
+    ax.plot([r["rank"] for r in adapted], values, "o-", label="QDyLoRA at rank b")
+    base = next((r[metric] for r in rows if r["rank"] == 0), None)
+    if base is not None and (not values or base_in_view(values, base)):
+        ax.axhline(base, color="gray", linestyle="--", label="base model (no adapter)")
+    elif base is not None:
+        above = base > max(values)
+        ax.plot([], [], "^" if above else "v", color="gray",
+                label=f"base model (no adapter): {base:.4g}, off the chart {'above' if above else 'below'}")
     if pick is not None:
         best, chosen = (next(r for r in rows if r["rank"] == b) for b in pick)
-        ax.plot(best["rank"], best[metric], "*", color="tab:red", markersize=14, label=f"best: rank {best['rank']}")
-        ax.plot(chosen["rank"], chosen[metric], "D", color="tab:green", markersize=9,
+        # A large hollow star under a small filled diamond: both stay visible when they mark the same rank.
+        ax.plot(best["rank"], best[metric], "*", markersize=20, markerfacecolor="none", markeredgecolor="tab:red",
+                markeredgewidth=1.5, zorder=3, clip_on=False, label=f"best: rank {best['rank']}")
+        ax.plot(chosen["rank"], chosen[metric], "D", color="tab:green", markersize=6, zorder=4, clip_on=False,
                 label=f"recommended: rank {chosen['rank']}")
     ax.set_xlabel("rank b")
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel(f"{metric.replace('_', ' ')} on {data_name}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def write_results(out: Path, rows: list[dict], summary: dict, metric: str, overwrite: bool, title: str) -> None:
-    """ranks.json, ranks.csv, ranks.png and summary.json, all or nothing."""
+def write_results(
+    out: Path, rows: list[dict], summary: dict, metric: str, overwrite: bool, title: str,
+    generations: list[dict] | None = None,
+) -> None:
+    """ranks.json, ranks.csv, ranks.png, summary.json (and generations.jsonl for a task), all or nothing."""
     pick = (summary["best_rank"], summary["recommended_rank"]) if summary["best_rank"] is not None else None
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "ranks.json").write_text(json.dumps(rows, indent=1))
@@ -320,11 +426,13 @@ def write_results(out: Path, rows: list[dict], summary: dict, metric: str, overw
             writer.writeheader()
             writer.writerows(rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-        _write_plot(tmp / "ranks.png", rows, metric, pick, title)
+        if generations is not None:
+            (tmp / GENERATIONS).write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
+        rank_figure(rows, metric, pick, title, summary["data"]).savefig(tmp / "ranks.png", dpi=120)
 
 
 def print_table(rows: list[dict], summary: dict, metric: str) -> None:
-    table = Table(title=f"{summary['run_dir']} on {summary['data']}")
+    table = Table(title=f"{summary['run_dir']} on {summary['data']} ({summary['samples']} samples)")
     columns = [k for k in rows[0] if k != "rank"]
     table.add_column("rank", justify="right")
     for name in columns:
@@ -341,27 +449,49 @@ def print_table(rows: list[dict], summary: dict, metric: str) -> None:
     console = Console()
     console.print(table)
     if summary["best_rank"] is not None and sum(r["rank"] > 0 for r in rows) > 1:
-        best, rec = summary["best_rank"], summary["recommended_rank"]
-        by = {r["rank"]: r[metric] for r in rows}
-        console.print(f"best rank: {best} ({metric} {by[best]:.4f}); recommended: rank {rec} ({metric} {by[rec]:.4f}, "
-                      f"the smallest within {summary['tolerance']:.1%} of the best)")
+        best, rec, key = summary["best_rank"], summary["recommended_rank"], summary["ranked_by"]
+        by = {r["rank"]: r[key] for r in rows}
+        flat = "" if key == metric else f"; every rank has the same {metric.replace('_', ' ')}, so the loss decides"
+        console.print(f"best rank: {best} ({key} {by[best]:.4f}); recommended: rank {rec} ({key} {by[rec]:.4f}, "
+                      f"the smallest within {summary['tolerance']:.1%} of the best){flat}")
 
 
 # --- the command ---------------------------------------------------------------------------------------
 
 
-def _load(run_dir: Path, merged_rank: int | None, device: torch.device) -> tuple[Any, Any]:
+def load_run_or_export(run_dir: Path, merged_rank: int | None, device: torch.device) -> tuple[Any, Any]:
     """The run's model with its adapters, or a merged export as the plain model it is."""
     if merged_rank is None:
         model, tokenizer, _ = load_run_model(run_dir, device=device)
         return model, tokenizer
-    dtype = torch_dtype(load_export_info(run_dir)["dtype"])
-    model = AutoModelForCausalLM.from_pretrained(run_dir, **dtype_kwarg(dtype)).to(device).eval()
+    dtype = torch_dtype(load_export_info(run_dir)["dtype"])  # the plain float model, read like any other
+    model = load_quantized(str(run_dir), dtype=dtype, quant=QuantConfig(type="none"), device=device).eval()
     return model, load_tokenizer(str(run_dir))
 
 
-def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[TaskExample] | None) -> list[dict]:
-    if examples is not None:
+def data_name(data: DataConfig | None) -> str:
+    """`val` for the run's own validation data, else the stem of the data file (or hub id), as a folder name."""
+    if data is None:
+        return "val"
+    source = (data.val_path or data.path).removeprefix("builtin:")
+    return re.sub(r"[^\w.-]+", "_", Path(source).stem) or "data"
+
+
+def eval_dir(cfg: EvalConfig) -> Path:
+    """`out_dir`, else RUN_DIR/eval/<task>-<data name> (task none: `loss`), so evals of other data or
+    tasks never collide: `eval/loss-val`, `eval/gsm8k-gsm8k_test`."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    task = "loss" if cfg.task == "none" else cfg.task
+    return Path(cfg.run_dir) / EVAL / f"{task}-{data_name(cfg.data)}"
+
+
+def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[TaskExample] | None,
+                  template: ChatTemplate | None) -> list[dict]:
+    if examples is not None and template is not None:  # chat: the loss of the answer as the assistant's turn
+        conversations = [(e.where, [*e.messages, {"role": "assistant", "content": e.target}]) for e in examples]
+        val = tokenize_conversations(tokenizer, template, conversations, cfg.data or run_cfg.data)[0]
+    elif examples is not None:
         data = cfg.data or run_cfg.data
         val = tokenize_pairs(tokenizer, [e.prompt for e in examples], [e.target for e in examples], data)
     elif cfg.data is None:
@@ -379,43 +509,61 @@ def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[
 
 
 def run(cfg: EvalConfig) -> list[dict]:
-    """Evaluate the requested ranks (and the base model), print the table, write RUN_DIR/eval. Returns the rows."""
+    """Evaluate the requested ranks (and the base model), print the table, write `eval_dir`. Returns the rows."""
     run_dir = Path(cfg.run_dir)
-    out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval"
+    out = eval_dir(cfg)
     if out.exists() and not cfg.overwrite:  # before any work, not after it
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it (or out_dir=... for another)")
     check_writable(out, "out_dir")
+    note_if_training(run_dir)
     run_cfg, merged_rank = load_eval_source(run_dir)
+    data = cfg.data or run_cfg.data
     examples = None
     if cfg.task != "none":  # read and checked before the model loads: a bad record costs nothing
-        examples = task_examples(cfg, cfg.data or run_cfg.data, run_cfg.train.seed, held_out=cfg.data is None)
+        examples = task_examples(cfg, data, run_cfg.train.seed, held_out=cfg.data is None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = _load(run_dir, merged_rank, device)
+    model, tokenizer = load_run_or_export(run_dir, merged_rank, device)
+    template = end = None
+    if examples is not None and is_chat(data):  # prompts in the chat template, answers end with the turn
+        template = resolve_template(data, tokenizer)
+        end = find_turn_end(tokenizer, template)
+        for e in examples:
+            e.prompt = generation_prompt(tokenizer, template, e.messages, e.where)
     if merged_rank is None:
         ranks = sorted({0, *parse_rank_spec(cfg.rank, run_cfg.adapter.r_max)})  # the base is the reference line
         shown = {r: r for r in ranks}
     else:  # a merged model is rank `merged_rank` with no adapter left to switch
         ranks, shown = [0], {0: merged_rank}
 
-    batches = _loss_batches(cfg, run_cfg, tokenizer, examples)
+    batches = _loss_batches(cfg, run_cfg, tokenizer, examples, template)
     losses = rank_losses(model, track(batches, description=f"loss ({len(ranks)} ranks)", transient=True), ranks,
                          ranks_per_pass=cfg.ranks_per_pass, device=device)
     rows = [{"rank": shown[r], "loss": losses[r], "perplexity": math.exp(min(losses[r], 700))} for r in ranks]
-    metric, higher = "loss", False
+    metric, generations = "loss", None
     if examples is not None:
-        metric, higher = TASK_METRIC[cfg.task], True
-        scores = task_scores(model, tokenizer, examples, cfg.task, ranks, cfg, device)
+        metric = TASK_METRIC[cfg.task]
+        scores, generations = task_scores(model, tokenizer, examples, cfg.task, ranks, cfg, device, end)
         for row, r in zip(rows, ranks):
             row[metric] = scores[r]
+        for g in generations:
+            g["rank"] = shown[g["rank"]]
 
-    pick = recommend({row["rank"]: row[metric] for row in rows}, higher, cfg.tolerance)
-    data_name = (cfg.data.val_path or cfg.data.path) if cfg.data else "the run's validation data"
+    by_rank = {row["rank"]: row for row in rows}
+    if examples is None:
+        pick = recommend({r: row["loss"] for r, row in by_rank.items()}, False, cfg.tolerance)
+        ranked_by = "loss"
+    else:
+        scores = {r: row[metric] for r, row in by_rank.items()}
+        pick = recommend(scores, True, cfg.tolerance, losses={r: row["loss"] for r, row in by_rank.items()})
+        ranked_by = "loss" if metric_is_flat(scores) else metric
     summary = {
-        "run_dir": str(run_dir), "data": data_name, "task": cfg.task, "metric": metric,
-        "tolerance": cfg.tolerance, "batches": len(batches),
-        "best_rank": pick[0] if pick else None, "recommended_rank": pick[1] if pick else None,
+        "run_dir": str(run_dir), "data": (cfg.data.val_path or cfg.data.path) if cfg.data else "the run's validation data",
+        "task": cfg.task, "metric": metric, "ranked_by": ranked_by, "tolerance": cfg.tolerance,
+        "samples": len(examples) if examples is not None else sum(len(b["input_ids"]) for b in batches),
+        "batches": len(batches), "best_rank": pick[0] if pick else None, "recommended_rank": pick[1] if pick else None,
     }
     print_table(rows, summary, metric)
-    write_results(out, rows, summary, metric, cfg.overwrite, title=f"{run_dir.name}: {metric} by rank")
-    print(f"results in {out}/ (ranks.json, ranks.csv, ranks.png, summary.json)")
+    write_results(out, rows, summary, metric, cfg.overwrite, f"{run_dir.name}: {metric} by rank", generations)
+    files = "ranks.json, ranks.csv, ranks.png, summary.json" + (f", {GENERATIONS}" if generations is not None else "")
+    print(f"results in {out}/ ({files})")
     return rows

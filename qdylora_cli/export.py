@@ -2,8 +2,9 @@
 
 Rank b of a DyLoRA adapter is just its first b slices, `A[:b]` and `B[:, :b]`, scaled by s(b):
 exactly a LoRA adapter with `r=b` and the `lora_alpha` (and `use_rslora`) that make PEFT compute
-s(b). So a PEFT export needs no model at all, only the saved factors. A merged export rebuilds the run, adds rank b's delta to the dequantized
-base weights and saves a plain Hugging Face model.
+s(b). So a PEFT export needs no model at all, only the saved factors. A merged export rebuilds the
+run, adds rank b's delta to the dequantized base weights and saves a plain Hugging Face model. A
+run trained on chat data also exports its tokenizer with the chat template it was trained with.
 
 `allocation=PATH` exports a rank per module instead (allocation.py): PEFT gets `rank_pattern` for the
 modules whose rank differs from `r`, `alpha_pattern` where `lora_alpha` depends on the rank, and no
@@ -24,13 +25,25 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
 
 from qdylora_cli.adapters import merge_adapters
 from qdylora_cli.allocation import allocation_params, read_allocation, run_module_shapes
-from qdylora_cli.checkpoint import atomic_dir, check_writable, load_adapter
-from qdylora_cli.config import EXPORT_INFO, ExportConfig, load_run_config
+from qdylora_cli.chat import resolve_template
+from qdylora_cli.config import ExportConfig, TrainConfig, is_chat
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.model import BASE_MODEL_DIR, load_run_model, torch_dtype
+from qdylora_cli.model import load_run_model, load_run_tokenizer, torch_dtype
+from qdylora_cli.rundir import (
+    ADAPTER,
+    BASE_MODEL,
+    EXPORT,
+    EXPORT_INFO,
+    atomic_dir,
+    check_writable,
+    load_adapter,
+    load_run_config,
+    note_if_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +56,7 @@ def export_dir(cfg: ExportConfig, params: int | None = None) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
     name = f"rank-{cfg.rank}" if cfg.allocation is None else f"allocation-{params}params"
-    return Path(cfg.run_dir) / "export" / f"{name}-{cfg.format}"
+    return Path(cfg.run_dir) / EXPORT / f"{name}-{cfg.format}"
 
 
 def peft_alpha(scale: str, alpha: float, r_max: int, b: int) -> tuple[float, bool]:
@@ -117,18 +130,33 @@ def peft_adapter(
     return state, config
 
 
+def _with_chat_template(run_cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A run trained on chat data: its tokenizer carries the template it was trained with (the built-in
+    ChatML for one that had none), so `apply_chat_template` formats prompts as in training."""
+    tokenizer.chat_template = resolve_template(run_cfg.data, tokenizer).text
+    return tokenizer
+
+
 def _export_peft(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) -> None:
-    weights, meta = load_adapter(Path(cfg.run_dir) / "adapter")
+    weights, meta = load_adapter(Path(cfg.run_dir) / ADAPTER)
     state, config = peft_adapter(weights, meta, rank)
-    if meta["base_model"] == BASE_MODEL_DIR:  # built from a config: the run keeps the model it trained on
-        config["base_model_name_or_path"] = str((Path(cfg.run_dir) / BASE_MODEL_DIR).resolve())
+    if meta["base_model"] == BASE_MODEL:  # built from a config: the run keeps the model it trained on
+        config["base_model_name_or_path"] = str((Path(cfg.run_dir) / BASE_MODEL).resolve())
+    run_cfg = load_run_config(cfg.run_dir)
+    chat = is_chat(run_cfg.data)
+    tokenizer = _with_chat_template(run_cfg, load_run_tokenizer(Path(cfg.run_dir), meta)) if chat else None
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         save_file(state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def _export_merged(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) -> None:
     model, tokenizer, meta = load_run_model(Path(cfg.run_dir), device=torch.device("cpu"))
+    run_cfg = load_run_config(cfg.run_dir)
+    if is_chat(run_cfg.data):
+        tokenizer = _with_chat_template(run_cfg, tokenizer)
     merge_adapters(model, rank)
     dtype = torch_dtype(cfg.dtype or meta["dtype"])
     model.to(dtype)
@@ -140,7 +168,7 @@ def _export_merged(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) 
         "base_model": meta["base_model"],
         "variant": meta["variant"],
         # `qdylora eval` of this directory evaluates on the run's validation data with this config
-        "run_config": OmegaConf.to_container(OmegaConf.structured(load_run_config(cfg.run_dir)), resolve=True),
+        "run_config": OmegaConf.to_container(OmegaConf.structured(run_cfg), resolve=True),
     }
     if cfg.allocation is not None:
         info["allocation"] = dict(rank)
@@ -162,6 +190,7 @@ def run(cfg: ExportConfig) -> Path:
     if out.exists() and not cfg.overwrite:
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it")
     check_writable(out, "out_dir")
+    note_if_training(Path(cfg.run_dir))
     if cfg.format == "peft":
         _export_peft(cfg, out, rank)
         hint = f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})"

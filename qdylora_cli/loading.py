@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import safetensors
 import torch
 import transformers
 from safetensors import safe_open
@@ -31,6 +32,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from qdylora_cli.adapters import find_target_modules
+from qdylora_cli.choices import QUANT_TYPES
+from qdylora_cli.config import QuantConfig
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.quant import NF4Linear
 
@@ -42,6 +45,7 @@ SAFETENSORS_SINGLE = "model.safetensors"
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
 # The parts of one bitsandbytes 4-bit weight `P.weight`, as suffixes of `P.weight`.
 BNB_QUANT_STATE = ".quant_state.bitsandbytes__nf4"
+NF4 = QuantConfig()  # QLoRA's: NF4 with double quantization, blocks of 64
 BNB_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", BNB_QUANT_STATE)
 
 
@@ -86,9 +90,14 @@ def read_shards(files: Sequence[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every file, one at a time, each file closed before the next opens."""
     for file in files:
         # safe_open maps the file; closing it unmaps the pages read so far.
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    yield key, tensor
+        except (OSError, safetensors.SafetensorError) as e:  # a truncated or damaged download
+            raise QdyloraError(f"{file}: unreadable weights ({str(e).splitlines()[0]}); download or save the model "
+                               "again") from None
 
 
 def prequantized_nf4(config: PretrainedConfig) -> bool:
@@ -305,10 +314,8 @@ def fill_model(
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
     dtype: torch.dtype,
-    quant: str = "nf4",
+    quant: QuantConfig = NF4,
     target_modules: Sequence[str] = ("all-linear",),
-    double_quant: bool = True,
-    blocksize: int = 64,
     device: torch.device | str = "cpu",
     quantize_device: torch.device | str | None = None,
 ) -> PreTrainedModel:
@@ -316,37 +323,52 @@ def fill_model(
 
     Float tensors are cast to `dtype` and put on `device`; target linear weights are quantized on
     `quantize_device` (default `device`; a GPU makes quantizing a CPU-resident model fast) and their
-    float copy dropped. With `quant="none"` nothing is quantized. The adapters come later
-    (`inject_adapters` finds the same targets, now NF4Linear).
+    float copy dropped. With quant.type `none` nothing is quantized. This is the one place where
+    weights become NF4; the adapters come later (`inject_adapters` wraps the same targets).
     """
+    if quant.type not in QUANT_TYPES:
+        raise QdyloraError(f"quant.type {quant.type!r} is unknown; expected one of {', '.join(QUANT_TYPES)}")
     device = torch.device(device)
-    targets = set(find_target_modules(model, target_modules)) if quant == "nf4" else set()
+    targets = set(find_target_modules(model, target_modules)) if quant.type == "nf4" else set()
     filler = _Filler(
         model,
         targets,
         dtype=dtype,
         device=device,
         quantize_device=torch.device(quantize_device) if quantize_device is not None else device,
-        double_quant=double_quant,
-        blocksize=blocksize,
+        double_quant=quant.double_quant,
+        blocksize=quant.blocksize,
     )
     for key, tensor in tensors:
         filler.put(key, tensor)
         del tensor  # the float copy must not outlive its quantization
     filler.finish()
-    if quant == "none" and any(isinstance(m, NF4Linear) for m in model.modules()):
+    if quant.type == "none" and any(isinstance(m, NF4Linear) for m in model.modules()):
         raise QdyloraError("the checkpoint holds NF4 weights (bitsandbytes 4-bit); use quant.type=nf4 with it")
     return model
+
+
+def quantize_model(
+    model: PreTrainedModel, *, quant: QuantConfig = NF4, target_modules: Sequence[str] = ("all-linear",),
+    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+) -> PreTrainedModel:
+    """The same model with its target layers in NF4, as if it had been read from disk (`fill_model`).
+
+    For models that exist only in memory: built from a config, or made by a test.
+    """
+    dtype = dtype or next(model.parameters()).dtype
+    device = device or next(model.parameters()).device
+    skeleton = build_skeleton(model.config, dtype=dtype)
+    return fill_model(skeleton, model.state_dict().items(), dtype=dtype, quant=quant, target_modules=target_modules,
+                      device=device)
 
 
 def load_quantized(
     name_or_path: str,
     *,
     dtype: torch.dtype,
-    quant: str = "nf4",
+    quant: QuantConfig = NF4,
     target_modules: Sequence[str] = ("all-linear",),
-    double_quant: bool = True,
-    blocksize: int = 64,
     device: torch.device | str | None = None,
     quantize_device: torch.device | str | None = None,
     trust_remote_code: bool = False,
@@ -371,8 +393,6 @@ def load_quantized(
         dtype=dtype,
         quant=quant,
         target_modules=target_modules,
-        double_quant=double_quant,
-        blocksize=blocksize,
         device=device,
         quantize_device=quantize_device,
     )

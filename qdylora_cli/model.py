@@ -1,8 +1,9 @@
-"""Load the tokenizer and base model, quantize it and add dynamic-rank adapters; rebuild a trained run."""
+"""Load the tokenizer and the base model (quantized by the loader), add dynamic-rank adapters; rebuild a trained run."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,16 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import logging as hf_logging
 
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict
-from qdylora_cli.checkpoint import ADAPTER_CONFIG, atomic_dir, load_adapter
+from qdylora_cli.config import ModelConfig, QuantConfig, TrainConfig
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.loading import dtype_kwarg, load_quantized
+from qdylora_cli.loading import dtype_kwarg, load_quantized, quantize_model
+from qdylora_cli.rundir import ADAPTER, ADAPTER_CONFIG, BASE_MODEL, atomic_dir, load_adapter
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BASE_MODEL_DIR = "base_model"  # inside a run dir, for models built from a config
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -42,8 +42,9 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise QdyloraError(f"cannot load a tokenizer from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # missing, damaged (the tokenizers library raises plain Exception) or offline
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise QdyloraError(f"cannot load a tokenizer from {name_or_path!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise QdyloraError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token")
@@ -52,38 +53,42 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
 
 
 def load_base_model(
-    name_or_path: str | None,
-    *,
-    dtype: torch.dtype,
-    quant: dict[str, Any],
-    target_modules: tuple[str, ...],
-    config: dict[str, Any] | None = None,
-    init_seed: int = 0,
-    trust_remote_code: bool = False,
-    device: torch.device | None = None,
-    quantize_device: torch.device | None = None,
-) -> PreTrainedModel:
-    """The base model without adapters: built from `config` (fresh float weights from `init_seed`), or
-    read from a path/hub id shard by shard with its target layers quantized as they are read
-    (loading.py; on `device`, default CUDA if present). `inject_adapters` quantizes what is still float."""
-    if config is not None:
-        config = dict(config)
-        hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            model = AutoModelForCausalLM.from_config(hf_config, **dtype_kwarg(dtype))
-        return model
-    return load_quantized(
-        name_or_path,
-        dtype=dtype,
-        quant=quant["type"],
-        target_modules=target_modules,
-        double_quant=quant["double_quant"],
-        blocksize=quant["blocksize"],
-        device=device,
-        quantize_device=quantize_device,
-        trust_remote_code=trust_remote_code,
-    )
+    m: ModelConfig, quant: QuantConfig, target_modules: Sequence[str], *,
+    device: torch.device | None = None, quantize_device: torch.device | None = None, keep_float: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedModel | None]:
+    """The base model without adapters, its target layers quantized as `quant` says (loading.py), and,
+    with `keep_float`, the float model of a config-built one (what its run saves as `base_model/`).
+
+    `m.config` builds fresh float weights from `m.init_seed`; `m.name_or_path` is read shard by shard
+    (on `device`, default CUDA if present).
+    """
+    dtype = torch_dtype(m.dtype)
+    if m.config is None:
+        model = load_quantized(m.name_or_path, dtype=dtype, quant=quant, target_modules=target_modules, device=device,
+                               quantize_device=quantize_device, trust_remote_code=m.trust_remote_code)
+        return model, None
+    config = dict(m.config)
+    hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(m.init_seed)
+        float_model = AutoModelForCausalLM.from_config(hf_config, **dtype_kwarg(dtype))
+    model = quantize_model(float_model, quant=quant, target_modules=target_modules, dtype=dtype, device=device)
+    return model, float_model if keep_float else None
+
+
+def context_length(m: Any) -> int | None:
+    """The most positions the model takes (`max_position_embeddings`), from its config alone.
+
+    None when it states no such limit, or its config cannot be read yet (a hub model not downloaded:
+    loading it reports that properly).
+    """
+    if m.config is not None:
+        return m.config.get("max_position_embeddings")
+    try:
+        config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the real load
+        return None
+    return getattr(config, "max_position_embeddings", None)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
@@ -97,61 +102,28 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 def build_training_model(
-    cfg: Any,
-    run_dir: Path,
+    cfg: TrainConfig,
     *,
     device: torch.device | None = None,
     quantize_device: torch.device | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    save_base: bool = True,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Tokenizer, quantized model with fresh adapters, and the metadata that rebuilds it later.
+    keep_base: bool = True,
+) -> tuple[PreTrainedModel, dict[str, Any], PreTrainedModel | None]:
+    """The quantized model with fresh adapters, the metadata that rebuilds it later, and what to save.
 
-    Models built from a config are saved to `run_dir/base_model` (with `save_base`), so eval and
-    export can rebuild the run without the recipe. That happens last, once the adapters are in:
-    a bad setting fails before anything is written, and a base_model/ left by another config is replaced.
+    Writes nothing. A model built from a config comes back with its unquantized twin (with
+    `keep_base`): `save_base_model` stores it in the run, so eval and export rebuild the run without
+    the recipe. Other models are their own reference (a path or hub id): nothing to save.
     """
     m, a, q = cfg.model, cfg.adapter, cfg.quant
-    dtype = torch_dtype(m.dtype)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
-    quant = {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize}
-    model = load_base_model(
-        m.name_or_path, dtype=dtype, quant=quant, target_modules=tuple(a.target_modules), config=m.config,
-        init_seed=m.init_seed, trust_remote_code=m.trust_remote_code, device=device, quantize_device=quantize_device,
-    )
+    model, base = load_base_model(m, q, a.target_modules, device=device, quantize_device=quantize_device,
+                                  keep_float=keep_base)
     if m.config is not None:
-        base_ref = BASE_MODEL_DIR
+        base_ref = BASE_MODEL
     else:
         local = Path(m.name_or_path).expanduser()
         base_ref = str(local.resolve()) if local.exists() else m.name_or_path
-    adapted = inject_adapters(
-        model,
-        r_max=a.r_max,
-        alpha=a.alpha,
-        dropout=a.dropout,
-        mode=a.mode,
-        variant=a.variant,
-        scale=a.scale,
-        target_modules=tuple(a.target_modules),
-        quant=q.type,
-        double_quant=q.double_quant,
-        blocksize=q.blocksize,
-        compute_dtype=dtype,
-    )
-    if m.config is not None and save_base:
-        # The same fresh weights again (init_seed, forked RNG: the global RNG is untouched), before quantization.
-        base = load_base_model(None, dtype=dtype, quant=quant, target_modules=(), config=m.config, init_seed=m.init_seed)
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a small model in one shard: no "Writing model shards" bar on stderr
-        try:
-            with atomic_dir(Path(run_dir) / BASE_MODEL_DIR, overwrite=True) as tmp:
-                base.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        del base
+    adapted = inject_adapters(model, r_max=a.r_max, alpha=a.alpha, dropout=a.dropout, mode=a.mode, variant=a.variant,
+                              scale=a.scale, target_modules=a.target_modules)
     meta = {
         "base_model": base_ref,
         "tokenizer": base_ref if m.config is not None else (m.tokenizer or base_ref),
@@ -164,9 +136,16 @@ def build_training_model(
         "mode": a.mode,
         "variant": a.variant,
         "scale": a.scale,
-        "quant": quant,
+        "quant": {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize},
     }
-    return model, tokenizer, meta
+    return model, meta, base
+
+
+def save_base_model(run_dir: Path, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The unquantized weights and tokenizer of a config-built model, as `run_dir/base_model` (atomic)."""
+    with atomic_dir(Path(run_dir) / BASE_MODEL, overwrite=True) as tmp:
+        base.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def _resolve(ref: str, run_dir: Path) -> str:
@@ -175,35 +154,32 @@ def _resolve(ref: str, run_dir: Path) -> str:
     return str(candidate) if candidate.exists() else ref
 
 
+def load_run_tokenizer(run_dir: Path, meta: dict[str, Any]) -> PreTrainedTokenizerBase:
+    """The tokenizer a run was trained with (`meta`: its adapter_config.json)."""
+    return load_tokenizer(_resolve(meta["tokenizer"], Path(run_dir)), trust_remote_code=meta["trust_remote_code"])
+
+
 def load_run_model(
     run_dir: Path, *, adapter_dir: Path | None = None, dtype: str | None = None, device: torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Rebuild a trained run: base model, the same quantization and targets, and its adapter weights."""
     run_dir = Path(run_dir)
-    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir / "adapter"
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else run_dir / ADAPTER
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise QdyloraError(f"{run_dir} has no finished adapter ({adapter_dir / ADAPTER_CONFIG} is missing)")
     weights, meta = load_adapter(adapter_dir)
-    compute = torch_dtype(dtype or meta["dtype"])
-    tokenizer = load_tokenizer(_resolve(meta["tokenizer"], run_dir), trust_remote_code=meta["trust_remote_code"])
-    q = meta["quant"]
-    model = load_base_model(
-        _resolve(meta["base_model"], run_dir), dtype=compute, quant=q, target_modules=tuple(meta["target_modules"]),
-        trust_remote_code=meta["trust_remote_code"], device=device,
-    )
+    tokenizer = load_run_tokenizer(run_dir, meta)
+    base = ModelConfig(name_or_path=_resolve(meta["base_model"], run_dir), dtype=dtype or meta["dtype"],
+                       trust_remote_code=meta["trust_remote_code"])
+    model, _ = load_base_model(base, QuantConfig(**meta["quant"]), meta["target_modules"], device=device)
     inject_adapters(
         model,
         r_max=meta["r_max"],
         alpha=meta["alpha"],
-        dropout=0.0,
         mode=meta["mode"],
         variant=meta["variant"],
         scale=meta.get("scale", "alpha_over_rank"),  # adapters saved before scales were a choice used α/b
-        target_modules=tuple(meta["target_modules"]),
-        quant=q["type"],
-        double_quant=q["double_quant"],
-        blocksize=q["blocksize"],
-        compute_dtype=compute,
+        target_modules=meta["target_modules"],
     )
     load_adapter_state_dict(model, weights)
     model.eval()

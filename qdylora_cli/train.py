@@ -1,6 +1,8 @@
-"""The training loop: each optimizer step draws its ranks and shares them among its micro-batches.
+"""Training: each optimizer step draws its ranks and shares them among its micro-batches.
 
-Read top to bottom: run directory, model and data, optimizer and schedule, the loop, checkpoints.
+Read top to bottom: the parts of a step (optimizer, learning-rate schedule, the non-finite guard,
+signals), `setup` (everything before the first step, nothing written until every input has
+loaded), the loop (`run`, `train_loop`), checkpoints.
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ import json
 import logging
 import math
 import random
-import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
-from omegaconf import OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
 
 from qdylora_cli.adapters import (
     RankAwareAdamW,
+    RankSampler,
     adapter_parameters,
     assign_ranks,
     build_rank_sampler,
@@ -35,16 +37,15 @@ from qdylora_cli.adapters import (
     set_rank,
     trained_slices,
 )
-from qdylora_cli.checkpoint import (
-    atomic_write_text,
-    check_writable,
-    checkpoint_dirs,
-    latest_good_checkpoint,
-    save_adapter,
-    save_checkpoint,
+from qdylora_cli.config import TrainConfig
+from qdylora_cli.data import (
+    BatchStream,
+    check_packing,
+    collate,
+    load_datasets,
+    max_sequence_length,
+    plan_steps,
 )
-from qdylora_cli.config import load_run_config, save_config
-from qdylora_cli.data import batch_order, collate, load_datasets
 from qdylora_cli.distributed import (
     check_replicas,
     gathered_adapter_state,
@@ -52,69 +53,33 @@ from qdylora_cli.distributed import (
     make_nf4_shardable,
     optimizer_state,
 )
-from qdylora_cli.errors import QdyloraError
+from qdylora_cli.errors import Interrupted, QdyloraError, ResourceError, is_out_of_memory
 from qdylora_cli.evaluate import rank_losses
 from qdylora_cli.model import (
-    BASE_MODEL_DIR,
     build_training_model,
+    context_length,
     enable_gradient_checkpointing,
     load_tokenizer,
+    save_base_model,
 )
+from qdylora_cli.progress import Reporter, trackers
+from qdylora_cli.rundir import (
+    ADAPTER,
+    ADAPTER_WEIGHTS,
+    BASE_MODEL,
+    CONFIG,
+    LOGS,
+    RunLock,
+    clear_old_run,
+    latest_good_checkpoint,
+    prepare_run_dir,
+    save_adapter,
+    save_checkpoint,
+    save_config,
+)
+from qdylora_cli.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
-
-# Sections of the config that define the model being trained: resuming with any of them changed
-# would silently mix two different runs.
-_RUN_IDENTITY = ("model", "data", "quant", "adapter", "rank_schedule")
-
-
-# --- run directory ---------------------------------------------------------------------------------
-
-
-def prepare_run_dir(cfg: Any, run_dir: Path) -> Path | None:
-    """Refuse to clobber an existing run; return the checkpoint to resume from, if any. Writes nothing."""
-    check_writable(run_dir, "run_dir")
-    is_run = (run_dir / "config.yaml").exists()
-    if cfg.train.resume:
-        if not is_run:
-            log.info("train.resume=true but %s holds no run yet: starting fresh", run_dir)
-            return None
-        if not checkpoint_dirs(run_dir):  # stopped before its first checkpoint: nothing to lose
-            _check_same_run(cfg, run_dir)
-            log.info("train.resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
-            return None
-        _check_same_run(cfg, run_dir)
-        ckpt = latest_good_checkpoint(run_dir)
-        if ckpt is None:
-            raise QdyloraError(f"train.resume=true but {run_dir / 'checkpoints'} holds no usable checkpoint")
-        return ckpt
-    if is_run and not cfg.overwrite:
-        raise QdyloraError(
-            f"{run_dir} already holds a run; pass train.resume=true to continue it or overwrite=true to replace it"
-        )
-    return None
-
-
-def _check_same_run(cfg: Any, run_dir: Path) -> None:
-    old = OmegaConf.structured(load_run_config(run_dir))  # one error line if it is unreadable
-    new = OmegaConf.structured(cfg)
-    for section in _RUN_IDENTITY:
-        if OmegaConf.to_container(old[section]) != OmegaConf.to_container(new[section]):
-            raise QdyloraError(
-                f"train.resume=true but `{section}` differs from the run in {run_dir}; "
-                "resume with the same settings or train into a new run_dir"
-            )
-
-
-def clear_old_run(run_dir: Path, *, keep_base: bool) -> None:
-    """overwrite=true: drop the previous run's files, once the new run's inputs have all loaded.
-
-    `keep_base`: the new run has just written its own base_model/ (a model built from a config).
-    """
-    for name in ("checkpoints", "adapter", "eval", "export", *(() if keep_base else ("base_model",))):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "config.yaml"):
-        (run_dir / name).unlink(missing_ok=True)
 
 
 # --- optimizer and schedule ----------------------------------------------------------------------
@@ -128,7 +93,11 @@ def build_optimizer(opt_cfg: Any, model: torch.nn.Module) -> RankAwareAdamW:
 
 
 def lr_lambda(kind: str, max_steps: int, warmup_steps: int):
-    """LR multiplier for step s: linear warmup, then constant, cosine or linear decay to zero."""
+    """LR multiplier for step s: linear warmup, then constant, cosine or linear decay to zero.
+
+    transformers' schedulers start the warmup at 0, so their first step changes nothing; here the
+    first step already has 1/(warmup+1) of the rate.
+    """
 
     def factor(s: int) -> float:
         if s < warmup_steps:
@@ -141,52 +110,58 @@ def lr_lambda(kind: str, max_steps: int, warmup_steps: int):
     return factor
 
 
-# --- data position -----------------------------------------------------------------------------
+# --- faults and signals ----------------------------------------------------------------------------
 
 
-class BatchStream:
-    """An endless, resumable stream of batches: epoch `e` uses the order drawn from seed + e.
+@dataclass
+class NonFiniteGuard:
+    """Skips an update whose loss or gradient is not finite, and stops the run after `limit` in a row."""
 
-    With several processes, process p takes batches p, p + W, p + 2W, ... of each epoch.
-    """
+    limit: int
+    in_a_row: int = 0
+    total: int = 0
 
-    def __init__(self, examples: list[dict], batch_size: int, seed: int, group_by_length: bool,
-                 pad_id: int, process: int = 0, world: int = 1):
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.group_by_length, self.pad_id, self.process, self.world = group_by_length, pad_id, process, world
-        self.lengths = [len(e["input_ids"]) for e in examples]
-        self.epoch, self.index = 0, 0
-        self._order = self._draw()
-        if len(self._order) < world:
-            raise QdyloraError(f"the training set has {len(examples)} examples: too few for {world} processes")
+    def skip(self, step: int, loss: float, grad_norm: float, scaler: bool, run_dir: Path) -> bool:
+        # With fp16 loss scaling an infinite gradient is the scaler's business: it skips and lowers its scale.
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or scaler):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped (%d in a row)",
+                    step, loss, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            raise QdyloraError(
+                f"{self.in_a_row} non-finite steps in a row (train.max_bad_steps={self.limit}) at step {step}; "
+                f"lower optimizer.lr or check the data. Last good checkpoint: {latest_good_checkpoint(run_dir) or 'none'}")
+        return True
 
-    def _draw(self) -> list[list[int]]:
-        return batch_order(len(self.examples), self.batch_size, self.seed, self.epoch, self.group_by_length, self.lengths)
 
-    def __next__(self) -> dict[str, torch.Tensor]:
-        usable = len(self._order) - len(self._order) % self.world
-        if self.index >= usable:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._draw()
-        ids = self._order[self.index + self.process]
-        self.index += self.world
-        return collate([self.examples[i] for i in ids], self.pad_id)
+class StopOnSignal:
+    """First SIGINT/SIGTERM: finish the optimizer step, save a checkpoint, stop. Second: exit at once."""
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
-        self._order = self._draw()
+    def __enter__(self) -> StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        log.warning("%s received: saving a checkpoint after this step (send again to quit now)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # --- RNG state -------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -210,34 +185,62 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# --- stopping on a signal --------------------------------------------------------------------------
+# --- setup -----------------------------------------------------------------------------------------
 
 
-class StopOnSignal:
-    """First SIGINT/SIGTERM: finish the optimizer step, save a checkpoint, exit. Second: exit at once."""
+@dataclass
+class Session:
+    """Everything the loop needs: built by `setup`, advanced by `train_loop`, saved by `save_training_checkpoint`."""
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous = {}
+    cfg: TrainConfig
+    run_dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared by accelerate (DDP/FSDP wrapped)
+    optimizer: Any  # accelerate's wrapper around `adamw`
+    adamw: RankAwareAdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: RankSampler
+    batches: BatchStream
+    val_batches: list[dict[str, torch.Tensor]]
+    eval_ranks: list[int]
+    meta: dict[str, Any]
+    reporter: Reporter
+    guard: NonFiniteGuard
+    max_steps: int  # train.max_steps, or the steps of train.num_epochs
+    step: int = 0
+    tokens: int = 0
+    drawn: list[int] = field(default_factory=list)  # ranks drawn by this process: part of the replica check
 
-    def __enter__(self) -> StopOnSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise SystemExit(128 + signum)
-        self.signum = signum
-        log.warning("%s received: saving a checkpoint after this step (send again to quit now)",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
 
-# --- the loop --------------------------------------------------------------------------------------
+def with_device_defaults(cfg: TrainConfig, on_cuda: bool) -> TrainConfig:
+    """`auto` compute settings made concrete: bf16 (fp16 without bf16) and checkpointing on a GPU; on a
+    CPU float32 without checkpointing, which measured 10x faster there (docs/performance.md)."""
+    m, t = cfg.model, cfg.train
+    half = "bfloat16" if not on_cuda or torch.cuda.is_bf16_supported() else "float16"
+    dtype = m.dtype if m.dtype != "auto" else half if on_cuda else "float32"
+    mixed = t.mixed_precision if t.mixed_precision != "auto" else {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
+    checkpointing = t.gradient_checkpointing if t.gradient_checkpointing is not None else on_cuda
+    if (m.dtype, t.mixed_precision, t.gradient_checkpointing) != (dtype, mixed, checkpointing):
+        log.info("%s: model.dtype=%s, train.mixed_precision=%s, train.gradient_checkpointing=%s (the auto settings)",
+                 "GPU" if on_cuda else "no GPU", dtype, mixed, str(checkpointing).lower())
+    return replace(cfg, model=replace(m, dtype=dtype),
+                   train=replace(t, mixed_precision=mixed, gradient_checkpointing=checkpointing))
+
+
+def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+    on_cuda = torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and not on_cuda:
+        raise QdyloraError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    # accelerate keeps its settings process-wide: a second run in one process (tests, notebooks) with
+    # another mixed_precision would be refused. The process/device state (PartialState) is kept.
+    AcceleratorState._reset_state()
+    return Accelerator(cpu=not on_cuda, mixed_precision=cfg.train.mixed_precision,
+                       log_with=trackers(cfg.train.report_to) or None,
+                       project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / LOGS)))
 
 
 def _fsdp2(accelerator: Accelerator) -> bool:
@@ -250,228 +253,252 @@ def _fsdp2(accelerator: Accelerator) -> bool:
     return True
 
 
-def _make_accelerator(cfg: Any) -> Accelerator:
-    on_cuda = torch.cuda.is_available()
-    if cfg.train.mixed_precision == "fp16" and not on_cuda:
-        raise QdyloraError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    # accelerate keeps its settings process-wide: a second run in one process (tests, notebooks) with
-    # another mixed_precision would be refused. The process/device state (PartialState) is kept.
-    AcceleratorState._reset_state()
-    return Accelerator(cpu=not on_cuda, mixed_precision=cfg.train.mixed_precision)
+def _from_main(accelerator: Accelerator, value: Any) -> Any:
+    """The main process's `value`, on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
 
 
-def run(cfg: Any) -> Path:
-    """Train as `cfg` says; return the directory of the final adapter."""
-    t = cfg.train
-    run_dir = Path(cfg.run_dir)
-    accelerator = _make_accelerator(cfg)
+def _lock(accelerator: Accelerator, run_dir: Path, cleanup: ExitStack) -> None:
+    """The main process takes the run's lock; if it cannot, every process stops with its error."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            cleanup.callback(RunLock.acquire(run_dir).release)
+        except QdyloraError as e:
+            error = str(e)
+    if (error := _from_main(accelerator, error)) is not None:
+        raise QdyloraError(error)
+
+
+def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
+    """Everything before the first step. Bad input costs nothing: the run directory is created (or an
+    old run cleared) only once the data, the tokenizer and the model have loaded."""
+    cfg = with_device_defaults(cfg, torch.cuda.is_available())
+    t, run_dir = cfg.train, Path(cfg.run_dir)
+    accelerator = _make_accelerator(cfg, run_dir)
     main = accelerator.is_main_process
-    k = cfg.rank_schedule.ranks_per_step
-    assign_ranks([1] * k, accelerator.num_processes, t.grad_accum, t.batch_size)  # refuses an unequal split now
-    resume_from = prepare_run_dir(cfg, run_dir) if main else None
-    resume_from = _broadcast_path(accelerator, resume_from)
-    replacing = main and not t.resume and (run_dir / "config.yaml").exists()  # overwrite=true (else refused)
+    assign_ranks([1] * cfg.rank_schedule.ranks_per_step, accelerator.num_processes, t.grad_accum, t.batch_size)
+    length, keys = max_sequence_length(cfg.data)
+    if (limit := context_length(cfg.model)) and length > limit:
+        raise QdyloraError(f"{keys} = {length} is longer than the model's context ({limit} positions, its "
+                           f"max_position_embeddings); use at most {limit}")
+    existed = _from_main(accelerator, run_dir.is_dir())  # one answer for every process: they must agree
+    if existed:  # an existing run is locked before it is read
+        _lock(accelerator, run_dir, cleanup)
+    resume_from = _from_main(accelerator, prepare_run_dir(cfg, run_dir) if main else None)
+    replacing = main and not t.resume and (run_dir / CONFIG).exists()  # overwrite=true (else refused)
 
-    # Bad input must cost nothing: the tokenizer and the data are read before anything is written or deleted.
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
-
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QdyloraError(f"run_dir={str(run_dir)!r}: cannot create it ({e.strerror})") from None
-
-    seed_everything(t.seed)
+    batches = BatchStream(train_set, t.batch_size, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
+                          accelerator.process_index, accelerator.num_processes,
+                          pack_length=cfg.data.max_length if cfg.data.packing else None)
+    max_steps = plan_steps(t, batches, held_out=len(val_set))  # train.num_epochs becomes a number of steps
+    set_seed(t.seed)
     fsdp = _fsdp2(accelerator)
+    keep_base = main and cfg.model.config is not None and not (resume_from and (run_dir / BASE_MODEL).is_dir())
     # Under FSDP the model is loaded to the CPU and each GPU receives only its shards at `prepare`.
-    load_device = torch.device("cpu") if fsdp else accelerator.device
-    with accelerator.main_process_first():  # the main process writes run_dir/base_model, the others reuse it
-        model, tokenizer, meta = build_training_model(
-            cfg, run_dir, device=load_device, quantize_device=accelerator.device, tokenizer=tokenizer,
-            save_base=main and not (resume_from is not None and (run_dir / BASE_MODEL_DIR).is_dir()))
+    model, meta, base = build_training_model(cfg, keep_base=keep_base, quantize_device=accelerator.device,
+                                             device=torch.device("cpu") if fsdp else accelerator.device)
+    if cfg.data.packing:  # refuse a model that would let packed examples see each other
+        check_packing(model, train_set, torch.device("cpu") if fsdp else accelerator.device)
+
+    if not existed:
+        if main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise QdyloraError(f"run_dir={str(run_dir)!r}: cannot create it ({e.strerror})") from None
+        accelerator.wait_for_everyone()
+        _lock(accelerator, run_dir, cleanup)
     if replacing:
-        clear_old_run(run_dir, keep_base=cfg.model.config is not None)
+        clear_old_run(run_dir)
+    if base is not None:
+        save_base_model(run_dir, base, tokenizer)
+        del base
     if resume_from is not None:  # before FSDP splits the adapters into shards
-        load_adapter_state_dict(model, load_file(str(resume_from / "adapter.safetensors")))
+        load_adapter_state_dict(model, load_file(str(resume_from / ADAPTER_WEIGHTS)))
     if fsdp:
         make_nf4_shardable(model)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    trainable, total = count_parameters(model)
-    log.info("%s: %d adapted layers; trainable %s of %s parameters (%.3f%%)", meta["base_model"],
-             len(meta["target_modules"]), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if accelerator.device.type == "cpu":
+        row = cfg.data.max_length if cfg.data.packing else sum(batches.lengths) / len(batches.lengths)
+        set_cpu_threads("train.cpu_threads", t.cpu_threads, hidden_size=model.config.hidden_size,
+                        tokens=round(row * t.batch_size))
+    _describe(cfg, accelerator, model, meta)
 
     adamw = build_optimizer(cfg.optimizer, model)
-    optimizer = adamw
-    warmup = math.ceil(cfg.optimizer.warmup_ratio * t.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer.scheduler, t.max_steps, warmup))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaced them by sharded ones
-    sampler = build_rank_sampler(cfg.rank_schedule.kind, r_max=cfg.adapter.r_max,
-                                 min_rank=cfg.rank_schedule.min_rank, rank=cfg.rank_schedule.rank, seed=t.seed)
-    batches = BatchStream(train_set, t.batch_size, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
-                          accelerator.process_index, accelerator.num_processes)
-    val_batches = [collate(val_set[i:i + t.batch_size], tokenizer.pad_token_id)
-                   for i in range(0, len(val_set), t.batch_size)][: t.eval_batches]
-    eval_ranks = sorted(set(t.eval_ranks or [1, max(1, cfg.adapter.r_max // 4), cfg.adapter.r_max]))
-
-    step, bad_steps, skipped_total, seen_tokens = 0, 0, 0, 0
+    warmup = math.ceil(cfg.optimizer.warmup_ratio * max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_lambda(cfg.optimizer.scheduler, max_steps, warmup))
+    prepared, optimizer = accelerator.prepare(model, adamw)
+    pad = tokenizer.pad_token_id
+    session = Session(
+        cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=prepared, optimizer=optimizer, adamw=adamw,
+        scheduler=scheduler, meta=meta, guard=NonFiniteGuard(t.max_bad_steps), max_steps=max_steps, batches=batches,
+        sampler=build_rank_sampler(cfg.rank_schedule.kind, r_max=cfg.adapter.r_max,
+                                   min_rank=cfg.rank_schedule.min_rank, rank=cfg.rank_schedule.rank, seed=t.seed),
+        val_batches=[collate(val_set[i:i + t.batch_size], pad) for i in range(0, len(val_set), t.batch_size)][: t.eval_batches],
+        eval_ranks=sorted(set(t.eval_ranks or [1, max(1, cfg.adapter.r_max // 4), cfg.adapter.r_max])),
+        reporter=None,  # needs the resumed step: below
+    )
     if resume_from is not None:
-        step, bad_steps, skipped_total, seen_tokens = _load_checkpoint(resume_from, accelerator, model, optimizer,
-                                                                       scheduler, sampler, batches)
-        log.info("resuming from %s (step %d)", resume_from, step)
+        load_training_checkpoint(session, resume_from)
+        log.info("resuming from %s (step %d)", resume_from, session.step)
     if main:
-        save_config(cfg, run_dir / "config.yaml")
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
-
-    drawn: list[int] = []  # ranks drawn since this process started: part of the replica check
-
-    def checkpoint(at: int) -> Path:
-        adapters = gathered_adapter_state(accelerator.unwrap_model(model))  # every process: collective under FSDP
-        optimizer_state_dict = optimizer_state(accelerator.unwrap_model(model), optimizer)
-        check_replicas(accelerator, adapters, drawn, at)
-        state = {"step": at, "bad_steps": bad_steps, "skipped_total": skipped_total, "tokens": seen_tokens,
-                 "data": batches.state_dict(),
-                 "sampler": sampler.state_dict(), "rng": rng_state(), "scheduler": scheduler.state_dict(),
-                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-
-        def write(tmp: Path) -> None:
-            save_file(adapters, str(tmp / "adapter.safetensors"))
-            torch.save(optimizer_state_dict, tmp / "optimizer.pt")
-            torch.save(state, tmp / "state.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": at, **batches.state_dict()}))
-
-        accelerator.wait_for_everyone()
-        path = save_checkpoint(run_dir, at, write, t.keep_last) if main else run_dir
-        accelerator.wait_for_everyone()
-        return path
-
-    start = time.perf_counter()
-    if step == 0 and t.eval_every > 0 and val_batches:  # every process: FSDP's forward is collective
-        # The starting point of the curve: the base model alone and the untrained adapters (B = 0) agree.
-        losses = rank_losses(accelerator.unwrap_model(model), val_batches, [0], device=accelerator.device)
-        if main:
-            _append_metrics(run_dir, {"step": 0, "elapsed": 0.0, "val_loss": {str(r): round(losses[0], 6) for r in eval_ranks}})
-    model.train()
-    progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn(), disable=not main, transient=False)
-    with StopOnSignal() as stop, progress:
-        task = progress.add_task("train", total=t.max_steps, completed=step, info="")
-        while step < t.max_steps:
-            step_start = time.perf_counter()
-            ranks = sampler.sample(k)
-            drawn += ranks
-            # This process's share of the step's ranks: one per micro-batch, or one per chunk of each.
-            plan = assign_ranks(ranks, accelerator.num_processes, t.grad_accum, t.batch_size)[accelerator.process_index]
-            adamw.mark_trained(trained_slices(tuple(ranks), cfg.adapter.mode))
-            loss_sum, tokens = torch.zeros((), device=accelerator.device), 0
-            for micro in range(t.grad_accum):
-                set_rank(model, plan[micro])
-                batch = {name: v.to(accelerator.device) for name, v in next(batches).items()}
-                sync = micro == t.grad_accum - 1
-                with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss = model(**batch).loss / t.grad_accum
-                accelerator.backward(loss)
-                loss_sum += loss.detach()
-                tokens += int(batch["attention_mask"].sum())
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
-            scaler_handles_it = accelerator.scaler is not None and math.isfinite(loss_value)
-            skipped = not (math.isfinite(loss_value) and (math.isfinite(float(grad_norm)) or scaler_handles_it))
-            if not skipped:
-                optimizer.step()
-                bad_steps = 0
-            else:
-                skipped_total += 1
-                bad_steps += 1
-                log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped (%d in a row)",
-                            step + 1, loss_value, bad_steps)
-                if bad_steps >= t.max_bad_steps:
-                    raise QdyloraError(
-                        f"{bad_steps} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}) at step "
-                        f"{step + 1}; lower optimizer.lr or check the data. Last good checkpoint: "
-                        f"{latest_good_checkpoint(run_dir) or 'none'}")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            seen_tokens += tokens * accelerator.num_processes
-
-            record = {"step": step, "loss": loss_value, "ranks": ranks, "lr": scheduler.get_last_lr()[0],
-                      "tokens": seen_tokens,
-                      "tokens_per_s": round(tokens * accelerator.num_processes / (time.perf_counter() - step_start), 1),
-                      "elapsed": round(time.perf_counter() - start, 3)}
-            if skipped:  # non-finite loss or gradient: no update (counted; see train.max_bad_steps)
-                record.update(skipped=True, bad_steps=bad_steps, skipped_total=skipped_total)
-            if t.eval_every > 0 and (step % t.eval_every == 0 or step == t.max_steps) and val_batches:
-                losses = rank_losses(accelerator.unwrap_model(model), val_batches, eval_ranks, device=accelerator.device)
-                record["val_loss"] = {str(r): round(v, 6) for r, v in losses.items()}
-            if main and (step % t.log_every == 0 or "val_loss" in record or skipped or step == t.max_steps):
-                _append_metrics(run_dir, record)
-            progress.update(task, completed=step, info=f"loss {loss_value:.4f}  rank{'s' * (k > 1)} "
-                                                       f"{','.join(map(str, ranks)):>3}  {record['tokens_per_s']:,.0f} tok/s")
-            if stop.signum is not None or (t.save_every > 0 and step % t.save_every == 0 and step < t.max_steps):
-                path = checkpoint(step)
-                if stop.signum is not None:
-                    if main:
-                        progress.stop()
-                        print(f"interrupted at step {step}; checkpoint saved to {path}; "
-                              f"continue with train.resume=true")
-                    raise SystemExit(128 + stop.signum)
-
-    final = run_dir / "adapter"
-    with StopOnSignal():  # a first signal now only waits for the final save: the run is complete
-        checkpoint(step)
-        adapters = gathered_adapter_state(accelerator.unwrap_model(model))
-        if main:
-            save_adapter(final, adapters, meta)
-            print(f"done: {step} steps in {time.perf_counter() - start:.1f}s; adapter for ranks "
-                  f"1..{cfg.adapter.r_max} in {final}")
-    accelerator.wait_for_everyone()
-    return final
+        save_config(cfg, run_dir / CONFIG)
+    session.reporter = Reporter(cfg, run_dir, accelerator, session.step, max_steps)
+    return session
 
 
-def _broadcast_path(accelerator: Accelerator, path: Path | None) -> Path | None:
-    """Every process must resume from the checkpoint the main process chose."""
-    if accelerator.num_processes == 1:
-        return path
-    from accelerate.utils import broadcast_object_list
-
-    box = [str(path) if path is not None else None]
-    broadcast_object_list(box)
-    return Path(box[0]) if box[0] is not None else None
+def _describe(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """The model and device in one line (`plan_steps` describes the data)."""
+    trainable, total = count_parameters(model)
+    log.info("model: %s, %d adapted layers, ranks 1..%d; %s of %s parameters trainable (%.2f%%); %s, %s",
+             meta["base_model"], len(meta["target_modules"]), cfg.adapter.r_max, f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, accelerator.device, cfg.model.dtype)
 
 
-def _load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, sampler,
-                     batches) -> tuple[int, int, int, int]:
-    """Everything but the adapter weights, which `run` loads before the model is prepared."""
-    optimizer_state_dict = torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True)
-    load_optimizer_state(accelerator.unwrap_model(model), optimizer, optimizer_state_dict)
-    state = torch.load(path / "state.pt", weights_only=True)
-    scheduler.load_state_dict(state["scheduler"])
-    sampler.load_state_dict(state["sampler"])
-    batches.load_state_dict(state["data"])
-    if state["scaler"] is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    return state["step"], state["bad_steps"], state.get("skipped_total", 0), state.get("tokens", 0)
+# --- the loop --------------------------------------------------------------------------------------
 
 
-def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records past the checkpoint so the log reads as one uninterrupted run."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(errors="replace").splitlines():
+def run(cfg: TrainConfig) -> Path:
+    """Train as `cfg` says; return the directory of the final adapter."""
+    with ExitStack() as cleanup:
+        s = setup(cfg, cleanup)
+        s.reporter.start()
+        cleanup.callback(s.reporter.stop)
+        started = time.perf_counter()
+        if s.step == 0 and s.cfg.train.eval_every > 0 and s.val_batches:
+            # The starting point of the curve: the base model alone and the untrained adapters (B = 0) agree.
+            base = round(validate(s, [0])[0], 6)
+            s.reporter.step({"step": 0, "elapsed": 0.0, "val_loss": {str(r): base for r in s.eval_ranks}})
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the half line of a process killed mid-write
-            continue
-        if isinstance(record, dict) and record.get("step", math.inf) <= step:
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+            with StopOnSignal() as stop:
+                train_loop(s, stop)
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            t = s.cfg.train
+            raise ResourceError(
+                f"out of memory at step {s.step + 1} (train.batch_size={t.batch_size}, sequence length up to "
+                f"{max_sequence_length(s.cfg.data)[0]}, adapter.r_max={s.cfg.adapter.r_max}, "
+                f"train.gradient_checkpointing={str(t.gradient_checkpointing).lower()}): lower the batch size or the "
+                f"sequence length, or turn gradient checkpointing on. Last good checkpoint: "
+                f"{latest_good_checkpoint(s.run_dir) or 'none'}") from None
+        with StopOnSignal():  # a first signal now only waits for the final save: the run is complete
+            final = finish(s)
+        if s.accelerator.is_main_process:
+            print(f"done: {s.step} steps in {time.perf_counter() - started:.1f}s; adapter for ranks "
+                  f"1..{s.cfg.adapter.r_max} in {final}")
+        return final
+
+
+def train_loop(s: Session, stop: StopOnSignal) -> None:
+    """Optimizer steps until the last: draw ranks, forward/backward, clip, step (or skip), report."""
+    t, acc = s.cfg.train, s.accelerator
+    while s.step < s.max_steps:
+        started = time.perf_counter()
+        ranks = s.sampler.sample(s.cfg.rank_schedule.ranks_per_step)
+        s.drawn += ranks
+        s.adamw.mark_trained(trained_slices(tuple(ranks), s.cfg.adapter.mode))
+        loss, tokens = forward_backward(s, ranks)
+        grad_norm = acc.clip_grad_norm_(s.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        skipped = s.guard.skip(s.step + 1, loss, float(grad_norm), acc.scaler is not None, s.run_dir)
+        if not skipped:
+            s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scheduler.step()
+        s.step, s.tokens = s.step + 1, s.tokens + tokens
+        record = {"step": s.step, "loss": loss, "ranks": ranks, "lr": s.scheduler.get_last_lr()[0], "tokens": s.tokens,
+                  "tokens_per_s": round(tokens / (time.perf_counter() - started), 1),
+                  "elapsed": round(time.perf_counter() - s.reporter.started, 3)}
+        if skipped:
+            record.update(skipped=True, bad_steps=s.guard.in_a_row, skipped_total=s.guard.total)
+        if t.eval_every > 0 and (s.step % t.eval_every == 0 or s.step == s.max_steps) and s.val_batches:
+            record["val_loss"] = {str(r): round(v, 6) for r, v in validate(s, s.eval_ranks).items()}
+        s.reporter.step(record)
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, s.step, save_training_checkpoint(s))
+        if t.save_every > 0 and s.step % t.save_every == 0 and s.step < s.max_steps:
+            save_training_checkpoint(s)
+
+
+def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int]:
+    """The step's micro-batches, each at its share of `ranks`; the mean loss and the tokens of all processes."""
+    t, acc = s.cfg.train, s.accelerator
+    plan = assign_ranks(ranks, acc.num_processes, t.grad_accum, t.batch_size)[acc.process_index]
+    loss_sum, tokens = torch.zeros((), device=acc.device), 0
+    for micro, rank in enumerate(plan):
+        set_rank(s.model, rank)
+        batch = {name: v.to(acc.device) for name, v in next(s.batches).items()}
+        with (nullcontext() if micro == len(plan) - 1 else acc.no_sync(s.model)), acc.autocast():
+            # No KV cache: with one, transformers would not read packed rows' position restarts.
+            loss = s.model(**batch, use_cache=False).loss / len(plan)
+        acc.backward(loss)
+        loss_sum += loss.detach()
+        tokens += s.batches.last_tokens
+    return acc.reduce(loss_sum, reduction="mean").item(), tokens * acc.num_processes
+
+
+def validate(s: Session, ranks: list[int]) -> dict[int, float]:
+    """Validation loss at each rank (every process: FSDP's forward is collective)."""
+    return rank_losses(s.accelerator.unwrap_model(s.model), s.val_batches, ranks, device=s.accelerator.device)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(s: Session) -> Path:
+    """checkpoints/step-N: adapters, optimizer, and the loop's position (data, ranks, RNG, scheduler)."""
+    acc = s.accelerator
+    unwrapped = acc.unwrap_model(s.model)
+    adapters = gathered_adapter_state(unwrapped)  # every process: collective under FSDP
+    optimizer_state_dict = optimizer_state(unwrapped, s.optimizer)
+    check_replicas(acc, adapters, s.drawn, s.step)
+    state = {"step": s.step, "bad_steps": s.guard.in_a_row, "skipped_total": s.guard.total, "tokens": s.tokens,
+             "data": s.batches.state_dict(), "sampler": s.sampler.state_dict(), "rng": rng_state(),
+             "scheduler": s.scheduler.state_dict(),
+             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+
+    def write(tmp: Path) -> None:
+        save_file(adapters, str(tmp / ADAPTER_WEIGHTS))
+        torch.save(optimizer_state_dict, tmp / "optimizer.pt")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": s.step, **s.batches.state_dict()}))
+
+    acc.wait_for_everyone()
+    path = save_checkpoint(s.run_dir, s.step, write, s.cfg.train.keep_last) if acc.is_main_process else s.run_dir
+    acc.wait_for_everyone()
+    return path
+
+
+def load_training_checkpoint(s: Session, path: Path) -> None:
+    """Everything but the adapter weights, which `setup` loads before the model is prepared."""
+    acc = s.accelerator
+    optimizer_state_dict = torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True)
+    load_optimizer_state(acc.unwrap_model(s.model), s.optimizer, optimizer_state_dict)
+    state = torch.load(path / "state.pt", weights_only=True)
+    s.scheduler.load_state_dict(state["scheduler"])
+    s.sampler.load_state_dict(state["sampler"])
+    s.batches.load_state_dict(state["data"])
+    if state["scaler"] is not None and acc.scaler is not None:
+        acc.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    s.step, s.tokens = state["step"], state.get("tokens", 0)
+    s.guard.in_a_row, s.guard.total = state["bad_steps"], state.get("skipped_total", 0)
+
+
+def finish(s: Session) -> Path:
+    """The last checkpoint and the final adapter (every rank 1..r_max)."""
+    save_training_checkpoint(s)
+    adapters = gathered_adapter_state(s.accelerator.unwrap_model(s.model))
+    final = s.run_dir / ADAPTER
+    if s.accelerator.is_main_process:
+        save_adapter(final, adapters, s.meta)
+    s.accelerator.wait_for_everyone()
+    return final

@@ -42,7 +42,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.n
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
     model = build_skeleton(config, dtype=dtype)
     model = fill_model(model, random_tensors(model, device=device), dtype=dtype, device=device)
-    inject_adapters(model, r_max=R_MAX, alpha=16.0, compute_dtype=dtype)
+    inject_adapters(model, r_max=R_MAX, alpha=16.0)
     generator = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():  # trained-looking factors: B is zero at init, which would make every rank equal
         for _, adapter in iter_adapters(model):

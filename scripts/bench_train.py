@@ -112,7 +112,7 @@ def qdylora_model(config: PretrainedConfig, device: torch.device, dtype: torch.d
     defaults = AdapterConfig()
     model = nf4_base(config, device, dtype)
     inject_adapters(model, r_max=r_max, alpha=ALPHA, dropout=DROPOUT, mode=mode or defaults.mode,
-                    scale=defaults.scale, compute_dtype=dtype)
+                    scale=defaults.scale)
     return model
 
 

@@ -17,7 +17,9 @@ Each run's saved adapter is rebuilt from its run directory (`load_run_model`, as
 does) and evaluated at ranks 0 (base model), 1, 2, 4, 8, 16 on the whole held-out set.
 
 Runs go to `--workers` processes of one thread each; run walls therefore include waiting for
-the other worker and for anything else on the machine (the load average is reported).
+the other worker and for anything else on the machine (the load average is reported). Each run
+leaves `result.json` in its directory: a stopped comparison, started again with the same
+--work-dir, reruns only what is missing (delete the work dir to start afresh).
 
 docs/results.md: the script writes only what lies between the BEGIN/END markers and keeps the rest
 (the hand-written findings). Raw numbers go to `<work-dir>/results.json`; `--from-json` re-renders
@@ -66,9 +68,9 @@ TASKS = {
         "data=text", "data.path={shared}/data/tinyshakespeare.txt", "data.block_size=128", "data.val_fraction=0.02",
     ), "every token of 128-token blocks; the last 2% of the text held out"),
     "alpaca": Task("stories260K → alpaca_1k", (
-        "data=json", "data.path={shared}/data/alpaca_1k.json", "data.source_max_len=192", "data.target_max_len=192",
+        "data=json", "data.path={shared}/data/alpaca_1k.json", "data.source_max_len=128", "data.target_max_len=128",
         "data.val_fraction=0.1",
-    ), "the responses of Alpaca-prompted records (prompt ≤ 192, response ≤ 192 tokens); 10% of the records held out"),
+    ), "the responses of Alpaca-prompted records (prompt ≤ 128, response ≤ 128 tokens); 10% of the records held out"),
 }
 
 
@@ -143,6 +145,9 @@ def train_and_evaluate(job: tuple[argparse.Namespace, str, str, int]) -> dict:
 
     args, task, name, seed = job
     run_dir = args.work_dir / task / f"{name}-s{seed}"
+    done = run_dir / "result.json"
+    if done.is_file():  # finished by an earlier invocation (the comparison resumes after a stop)
+        return json.loads(done.read_text())
     arm = ARMS[name]
     steps = args.steps if arm.rank is not None else args.dynamic_steps
     cfg = compose_config("train", base_overrides(args, task, run_dir, seed, steps) + list(arm.overrides))
@@ -160,10 +165,12 @@ def train_and_evaluate(job: tuple[argparse.Namespace, str, str, int]) -> dict:
     batches = [collate(val[i:i + args.batch_size], pad) for i in range(0, len(val), args.batch_size)]
     with torch.no_grad():
         losses = rank_losses(model, batches, (0, *EVAL_RANKS))
-    return {"task": task, "arm": name, "seed": seed, "wall_s": wall, "loop_s": last["elapsed"], "steps": last["step"],
-            "tokens": last["tokens"], "examples": last["step"] * args.batch_size,
-            "val_tokens": sum(sum(t != -100 for t in v["labels"][1:]) for v in val), "load_avg": os.getloadavg()[0],
-            "loss": {str(r): v for r, v in losses.items()}}
+    result = {"task": task, "arm": name, "seed": seed, "wall_s": wall, "loop_s": last["elapsed"], "steps": last["step"],
+              "tokens": last["tokens"], "examples": last["step"] * args.batch_size,
+              "val_tokens": sum(sum(t != -100 for t in v["labels"][1:]) for v in val), "load_avg": os.getloadavg()[0],
+              "loss": {str(r): v for r, v in losses.items()}}
+    done.write_text(json.dumps(result))
+    return result
 
 
 def run_all(args: argparse.Namespace, tasks: list[str], arms: list[str]) -> list[dict]:

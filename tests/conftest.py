@@ -1,4 +1,4 @@
-"""Shared test setup: offline Hugging Face, quiet bitsandbytes, and the optional ../shared assets."""
+"""Shared test setup: offline Hugging Face, one CPU thread, and the optional ../shared assets."""
 
 import os
 from pathlib import Path
@@ -7,6 +7,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' models are tiny: one thread is several times faster than all cores (docs/performance.md),
+# here and in every `qdylora` the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES260K = SHARED / "models" / "stories260K"

@@ -27,7 +27,9 @@ from qdylora_cli.adapters import (
     set_rank,
     trained_slices,
 )
+from qdylora_cli.config import QuantConfig
 from qdylora_cli.errors import QdyloraError
+from qdylora_cli.loading import quantize_model
 from qdylora_cli.quant import NF4Linear
 
 R_MAX, ALPHA = 6, 4.0
@@ -288,9 +290,12 @@ def test_multi_rank_chunks_differ_by_at_most_one_row():
     for rows, b in ((slice(0, 3), 1), (slice(3, 5), 3)):
         adapter.rank = b
         torch.testing.assert_close(together[rows], adapter(x[rows]), atol=1e-5, rtol=1e-5)
-    adapter.rank = (1, 2, 3)
-    with pytest.raises(QdyloraError, match="batch of 2 rows cannot give each of 3 ranks a chunk"):
-        adapter(torch.randn(2, 24))
+    adapter.rank = (1, 2, 3)  # fewer rows than ranks (an epoch's short last batch): rows 0 and 1 take ranks 1 and 2
+    x = x[:2]
+    together = adapter(x)
+    for row, b in ((0, 1), (1, 2)):
+        adapter.rank = b
+        torch.testing.assert_close(together[row], adapter(x[row : row + 1])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_multi_rank_dequantizes_the_base_once(monkeypatch):
@@ -317,6 +322,51 @@ def test_checkpointed_forward_with_dropout_matches_the_plain_one():
     torch.testing.assert_close(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen"])
+def test_dropout_is_one_mask_on_the_input_with_the_exact_gradient(mode):
+    adapter = make_adapter(mode=mode, dropout=0.3)
+    adapter.rank = 4
+    x = torch.randn(5, 24, requires_grad=True)
+    torch.manual_seed(7)
+    adapter(x).pow(2).sum().backward()
+    got = [adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone(), x.grad.clone()]
+
+    torch.manual_seed(7)  # the same draw, written out: dropout(x)·A[:4]ᵀ·B[:, :4]ᵀ
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.7)
+    w, bias, A, B = weights(adapter)
+    A, B, x2 = A.requires_grad_(), B.requires_grad_(), x.detach().clone().requires_grad_()
+    ref = F.linear(x2, w, bias) + (ALPHA / 4) * (x2 * keep / 0.7) @ A[:4].T @ B[:, :4].T
+    ref.pow(2).sum().backward()
+    want = [A.grad, B.grad, x2.grad]
+    if mode == "frozen":  # only slice 4 trains
+        want[0] = torch.zeros_like(A.grad).index_copy_(0, torch.tensor([3]), A.grad[3:4])
+        want[1] = torch.zeros_like(B.grad).index_copy_(1, torch.tensor([3]), B.grad[:, 3:4])
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_keeps_a_mask_for_backward_not_a_copy_of_the_input():
+    """q, k and v adapt the same input: backward keeps that input once and a byte-per-value mask each."""
+    layers = [make_adapter(dropout=0.1, seed=i, bias=False) for i in range(3)]
+    for layer in layers:
+        layer.train()
+    x = torch.randn(64, 24, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.numel() == x.numel():  # x, a copy of it, or a mask over it
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = [layer(x) for layer in layers]
+    activations = sum(saved.values())
+    # x (4 bytes a value) once and three masks (1 byte): 7 bytes a value; copies of x would be 12 or more.
+    assert activations <= 7 * x.numel(), activations / x.numel()
+    sum(o.sum() for o in outputs).backward()
+    assert x.grad is not None
 
 
 def test_bad_ranks_and_options_are_clear_errors():
@@ -423,11 +473,13 @@ def _train(model, ids, steps=20, seed=0):
 
 
 def _check_injected_model(model, ids, n_linear, variant, quant_error):
-    """Inject NF4 + adapters; check rank 0, training, and multi-rank logits. Returns the adapted names."""
+    """Quantize (as the loader does) and inject adapters; check rank 0, training, and multi-rank logits.
+    Returns the adapted model and names."""
     with torch.no_grad():
         reference = model(input_ids=ids).logits
     dequantized = copy.deepcopy(model)
-    names = inject_adapters(model, r_max=R_MAX, alpha=ALPHA, variant=variant, compute_dtype=torch.float32)
+    model = quantize_model(model, dtype=torch.float32)
+    names = inject_adapters(model, r_max=R_MAX, alpha=ALPHA, variant=variant)
     assert len(names) == n_linear and "lm_head" not in names
     assert [n for n, _ in iter_adapters(model)] == names
     assert all(isinstance(a.base, NF4Linear) for _, a in iter_adapters(model))
@@ -455,7 +507,7 @@ def _check_injected_model(model, ids, n_linear, variant, quant_error):
         with torch.no_grad():
             torch.testing.assert_close(together[i * len(ids) : (i + 1) * len(ids)], model(input_ids=ids).logits,
                                        atol=1e-4, rtol=1e-4)
-    return names
+    return model, names
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
@@ -463,7 +515,7 @@ def test_tiny_llama_injection_keeps_the_model_and_trains(variant):
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     # Random weights of std 0.1 through 14 NF4 layers drift further than a trained model does.
-    _check_injected_model(model, ids, 2 * 7, variant, quant_error=0.4)
+    model, _ = _check_injected_model(model, ids, 2 * 7, variant, quant_error=0.4)
 
     trainable, total = count_parameters(model)
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -473,8 +525,8 @@ def test_tiny_llama_injection_keeps_the_model_and_trains(variant):
     state = adapter_state_dict(model)
     assert all(k.endswith((".lora_A", ".lora_B", ".magnitude")) for k in state)
     assert state["model.layers.0.mlp.down_proj.lora_A"].shape == (R_MAX, 172)
-    fresh = tiny_llama()
-    inject_adapters(fresh, r_max=R_MAX, alpha=ALPHA, variant=variant, compute_dtype=torch.float32)
+    fresh = quantize_model(tiny_llama())
+    inject_adapters(fresh, r_max=R_MAX, alpha=ALPHA, variant=variant)
     load_adapter_state_dict(fresh, state)
     set_rank(model, 3)
     set_rank(fresh, 3)
@@ -491,9 +543,8 @@ def test_tiny_llama_injection_keeps_the_model_and_trains(variant):
 def test_gradient_checkpointing_with_dropout_gives_the_same_gradients():
     grads = []
     for use_checkpointing in (False, True):
-        model = tiny_llama()
-        inject_adapters(model, r_max=R_MAX, alpha=ALPHA, dropout=0.2, mode="full", variant="dora",
-                        compute_dtype=torch.float32)
+        model = quantize_model(tiny_llama())
+        inject_adapters(model, r_max=R_MAX, alpha=ALPHA, dropout=0.2, mode="full", variant="dora")
         for _, adapter in iter_adapters(model):
             nn.init.normal_(adapter.lora_B, std=0.1)
         if use_checkpointing:
@@ -523,7 +574,7 @@ def test_rank_b_is_the_peft_adapter_with_r_b_and_the_same_alpha(variant):
     peft = pytest.importorskip("peft")
     b = 3
     ours = tiny_llama()
-    inject_adapters(ours, r_max=R_MAX, alpha=ALPHA, variant=variant, quant="none")
+    inject_adapters(ours, r_max=R_MAX, alpha=ALPHA, variant=variant)
     with torch.no_grad():  # as if trained: B nonzero, magnitudes moved
         for _, adapter in iter_adapters(ours):
             adapter.lora_B.normal_(0, 0.1)
@@ -548,7 +599,7 @@ def test_rank_b_is_the_peft_adapter_with_r_b_and_the_same_alpha(variant):
 
 def test_target_patterns_and_their_errors():
     model = tiny_llama()
-    names = inject_adapters(model, r_max=2, alpha=2, target_modules=["q_proj", "model.layers.1.mlp.*"], quant="none")
+    names = inject_adapters(model, r_max=2, alpha=2, target_modules=["q_proj", "model.layers.1.mlp.*"])
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
                      "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
     assert all(isinstance(a.base, nn.Linear) for _, a in iter_adapters(model))
@@ -556,25 +607,26 @@ def test_target_patterns_and_their_errors():
         inject_adapters(model, r_max=2, alpha=2)
     with pytest.raises(QdyloraError, match=r"'qproj' matches no linear layer.*q_proj"):
         inject_adapters(tiny_llama(), r_max=2, alpha=2, target_modules=["q_proj", "qproj"])
-    with pytest.raises(QdyloraError, match="quant"):
-        inject_adapters(tiny_llama(), r_max=2, alpha=2, quant="int3")
+    with pytest.raises(QdyloraError, match="quant.type 'int3' is unknown"):
+        quantize_model(tiny_llama(), quant=QuantConfig(type="int3"))
 
 
-def test_layers_already_in_nf4_are_wrapped_as_they_are():
-    """The streaming loader quantizes targets while reading shards; injection must not quantize them twice."""
+def test_layers_are_wrapped_as_they_are():
+    """The loader quantizes (loading.fill_model); injection only wraps: an NF4 layer stays the same object,
+    a float one stays float (quant.type=none)."""
     model = tiny_llama()
     attn = model.model.layers[0].self_attn
     attn.q_proj = NF4Linear.from_linear(attn.q_proj, compute_dtype=torch.float32)
     quantized = attn.q_proj
-    names = inject_adapters(model, r_max=2, alpha=2, target_modules=["q_proj"], compute_dtype=torch.float32)
+    names = inject_adapters(model, r_max=2, alpha=2, target_modules=["q_proj"])
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert attn.q_proj.base is quantized
-    assert isinstance(model.model.layers[1].self_attn.q_proj.base, NF4Linear)
+    assert type(model.model.layers[1].self_attn.q_proj.base) is nn.Linear
 
 
 def test_loading_adapter_weights_that_do_not_fit_is_a_clear_error():
     model = tiny_llama()
-    inject_adapters(model, r_max=R_MAX, alpha=ALPHA, quant="none")
+    inject_adapters(model, r_max=R_MAX, alpha=ALPHA)
     state = adapter_state_dict(model)
     key = "model.layers.0.self_attn.q_proj.lora_A"
     with pytest.raises(QdyloraError, match=f"1 missing.*{key}"):
@@ -593,7 +645,7 @@ def test_stories260k_injection(stories260k):
     model = AutoModelForCausalLM.from_pretrained(stories260k, dtype=torch.float32).eval()
     float_total = sum(p.numel() for p in model.parameters())
     ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    names = _check_injected_model(model, ids, 5 * 7, "lora", quant_error=0.1)
+    model, names = _check_injected_model(model, ids, 5 * 7, "lora", quant_error=0.1)
     assert "model.layers.4.mlp.down_proj" in names
     trainable, total = count_parameters(model)
     assert trainable == sum(R_MAX * (a.in_features + a.out_features) for _, a in iter_adapters(model))

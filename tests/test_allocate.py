@@ -26,6 +26,7 @@ from qdylora_cli.cli import compose_config
 from qdylora_cli.config import candidate_ranks
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.export import peft_adapter, peft_module_pattern
+from qdylora_cli.loading import quantize_model
 from qdylora_cli.model import load_run_model
 from qdylora_cli.rank_search import MeasuredLosses, knapsack, search
 
@@ -40,10 +41,12 @@ def _small_llama(layers=2, seed=0):
         return AutoModelForCausalLM.from_config(config).eval()
 
 
-def _adapted(variant="lora", scale="rank_stabilized", layers=2, r_max=4, alpha=8.0, quant="none"):
+def _adapted(variant="lora", scale="rank_stabilized", layers=2, r_max=4, alpha=8.0, nf4=False):
     """A small Llama with adapters whose B is random (a fresh B is zero and would hide mistakes)."""
     model = _small_llama(layers)
-    inject_adapters(model, r_max=r_max, alpha=alpha, variant=variant, scale=scale, quant=quant)
+    if nf4:
+        model = quantize_model(model, dtype=torch.float32)
+    inject_adapters(model, r_max=r_max, alpha=alpha, variant=variant, scale=scale)
     torch.manual_seed(1)
     with torch.no_grad():
         for _, adapter in iter_adapters(model):
@@ -91,7 +94,7 @@ def test_allocations_sharing_a_forward_equal_each_alone(variant):
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_merge_with_a_rank_per_module_equals_the_adapted_model(variant):
-    model = _adapted(variant, quant="nf4")
+    model = _adapted(variant, nf4=True)
     allocation = _mixed(model)
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
     set_rank(model, allocation)
@@ -276,9 +279,9 @@ def test_allocate_is_deterministic_respects_the_budget_and_writes_its_results(ti
     # the check loss is the loss of that allocation on the second half of the validation examples
     model, tokenizer, _ = load_run_model(tiny_run)
     from qdylora_cli.allocate import _batches, split_data
-    from qdylora_cli.config import load_run_config
     from qdylora_cli.data import pad_token_id
     from qdylora_cli.evaluate import choice_losses
+    from qdylora_cli.rundir import load_run_config
 
     cfg = compose_config("allocate", [f"run_dir={tiny_run}", "budget=0.3", *FAST])
     _, check, _ = split_data(cfg, load_run_config(tiny_run), tokenizer)
@@ -366,9 +369,9 @@ def test_export_an_allocation_as_peft_and_merged(tiny_run, capsys):
     base = tiny_run / "base_model"
     ours = AutoModelForCausalLM.from_pretrained(base).eval()
     _, meta = run_module_shapes(tiny_run)
-    inject_adapters(ours, r_max=8, alpha=meta["alpha"], variant=meta["variant"], scale=meta["scale"], quant="none")
+    inject_adapters(ours, r_max=8, alpha=meta["alpha"], variant=meta["variant"], scale=meta["scale"])
     from qdylora_cli.adapters import load_adapter_state_dict
-    from qdylora_cli.checkpoint import load_adapter
+    from qdylora_cli.rundir import load_adapter
 
     load_adapter_state_dict(ours, load_adapter(tiny_run / "adapter")[0])
     set_rank(ours, allocation)

@@ -50,3 +50,22 @@ def test_bench_adapters_times_qdylora_against_peft_at_each_rank_and_mode():
     assert [(system, rank) for system, rank, _ in rows] == [
         ("peft r=8", "8"), ("qdylora full", "2"), ("qdylora full", "8"), ("qdylora frozen", "2"), ("qdylora frozen", "8")]
     assert rows[0][2] == "1.00"
+
+
+def test_bench_packing_compares_packed_and_padded_training():
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    if not (shared / "models" / "stories260K").exists() or not (shared / "data" / "alpaca_1k.json").exists():
+        pytest.skip(f"{shared} lacks stories260K or alpaca_1k.json")
+    out = run_script("bench_packing.py")
+    rows = re.findall(r"^\| (padded|padded, grouped|packed) \| [^|]+ \| ([\d.]+)% \| ([\d,]+) \| ([\d.]+)x \|$", out, re.M)
+    assert [r[0] for r in rows] == ["padded", "padded, grouped", "packed"]
+    padding = {name: float(p) for name, p, *_ in rows}
+    assert padding["packed"] < padding["padded"] / 3 and rows[0][3] == "1.00"
+
+
+def test_the_gpu_benchmark_script_is_valid_bash_and_runs_every_gpu_benchmark():
+    script = SCRIPTS / "gpu_benchmarks.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for bench in ("bench_train.py", "bench_falcon40b_memory.py", "bench_eval.py"):
+        assert bench in text

@@ -2,35 +2,81 @@
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
+import os
+import re
 import subprocess
 import sys
 import types
+import typing
+from pathlib import Path
 
 import pytest
 import yaml
 
 from qdylora_cli import cli
-from qdylora_cli.config import EvalConfig, TrainConfig, save_config
+from qdylora_cli.config import SCHEMAS, EvalConfig, TrainConfig
+from qdylora_cli.rundir import save_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def qdylora(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    exe = shutil.which("qdylora")
-    assert exe, "the qdylora console script is not on PATH: run `pip install -e . --no-deps` once"
-    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    """The command as users run it, from this checkout (whatever `pip install -e` points at)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "qdylora_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120, env=env)
 
 
 def test_help_lists_commands_groups_and_recipes():
     out = qdylora("--help")
     assert out.returncode == 0, out.stderr
-    for word in ("train", "eval", "export", "tiny", "falcon40b_alpaca", "llama2_7b_alpaca", "llama3_8b_alpaca",
-                 "model", "tiny*", "rank_schedule", "octave*", "paper", "--config-dir"):
+    for word in ("train", "eval", "export", "generate", "tiny", "falcon40b_alpaca", "llama2_7b_alpaca",
+                 "llama3_8b_alpaca", "model", "tiny*", "rank_schedule", "octave*", "paper", "--config-dir"):
         assert word in out.stdout
     train = qdylora("train", "--help")
     assert train.returncode == 0 and "+recipe=NAME" in train.stdout and "falcon_40b" in train.stdout
     assert "tiny_instructions*" in train.stdout and "--cfg" in train.stdout
     export = qdylora("export", "--help")
-    assert "rank: ???" in export.stdout and "format: peft" in export.stdout
+    assert re.search(r"^  rank +required +the rank to export", export.stdout, re.M)
+    assert re.search(r"^  format +peft +peft: LoRA adapter", export.stdout, re.M)
+    assert "defaults:" not in export.stdout and "_self_" not in export.stdout  # no raw YAML
+
+
+def test_bare_qdylora_and_qdylora_help_print_the_help():
+    bare, help_, train_help = qdylora(), qdylora("help"), qdylora("help", "train")
+    assert bare.returncode == help_.returncode == train_help.returncode == 0, bare.stderr
+    assert bare.stdout == help_.stdout == qdylora("--help").stdout and "commands:" in bare.stdout
+    assert train_help.stdout == qdylora("train", "--help").stdout
+
+
+def _leaf_keys(schema: type, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(schema)
+    keys = []
+    for f in dataclasses.fields(schema):
+        hint = hints[f.name]
+        section = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        keys += [prefix + f.name] if section is None else _leaf_keys(section, f"{prefix}{f.name}.")
+    return keys
+
+
+@pytest.mark.parametrize("command", list(SCHEMAS))
+def test_help_lists_every_key_with_its_default_and_meaning(command):
+    """Generated from the schema and the comments in conf/: a key without a comment fails here."""
+    columns = {}
+    for line in cli.help_epilog(command).splitlines():
+        if line.startswith("  "):
+            key, *rest = re.split(r"\s{2,}", line.strip())
+            columns[key] = rest
+    for key in _leaf_keys(SCHEMAS[command]):
+        assert key in columns, f"{key} is missing from `qdylora {command} --help`"
+        assert len(columns[key]) == 2, f"{key} needs a default and a meaning (a comment after it in conf/)"
+    if command == "train":
+        assert columns["train.eval_ranks"][0] == "null" and "1..8" in columns["train.eval_ranks"][1]
+        assert columns["adapter.r_max"][0] == "64" and columns["model.tokenizer"][0] == "byte"
+    if command == "eval":
+        assert columns["data"][0] == "null" and columns["data.path"][0] == "required"
 
 
 @pytest.mark.parametrize(

@@ -13,17 +13,17 @@ from qdylora_cli.config import (
     AdapterConfig,
     EvalConfig,
     ExportConfig,
+    GenerateConfig,
     LauncherConfig,
     LoopConfig,
     OptimizerConfig,
     QuantConfig,
     RankScheduleConfig,
     TrainConfig,
-    load_run_config,
     parse_rank_spec,
-    save_config,
 )
 from qdylora_cli.errors import QdyloraError
+from qdylora_cli.rundir import load_run_config, save_config
 
 
 def test_train_defaults_match_schema_defaults():
@@ -131,7 +131,7 @@ def test_hub_ids_and_local_paths(stories260k, alpaca_1k):
         (["model=hf", "model.name_or_path=./no/such/model"], "model.name_or_path='./no/such/model': expected an existing"),
         (["model.name_or_path=org/model"], "model.name_or_path='org/model': expected null when model.config"),
         (["~model.config.model_type"], "model.config=.*: expected a Hugging Face config with a model_type"),
-        (["model.dtype=fp8"], "model.dtype='fp8': expected one of float32, bfloat16, float16"),
+        (["model.dtype=fp8"], "model.dtype='fp8': expected one of auto, float32, bfloat16, float16"),
         (["data=json"], "data.path is required"),
         (["data=json", "data.path=/no/such.json"], "data.path='/no/such.json': expected an existing path"),
         (["data=text", "data.path=missing.txt"], "data.path='missing.txt'"),
@@ -142,6 +142,16 @@ def test_hub_ids_and_local_paths(stories260k, alpaca_1k):
         (["data.source_max_len=0"], "data.source_max_len=0: expected a number >= 1"),
         (["data.target_max_len=-1"], "data.target_max_len=-1"),
         (["data.block_size=0"], "data.block_size=0"),
+        (["data.max_length=1"], "data.max_length=1: expected a number >= 2"),
+        (["data=alpaca", "data.text_field=text", "data.packing=true"], "data.packing=True: expected false for a text corpus"),
+        (["data=alpaca", "data.text_field=text", "data.messages_field=messages"], "data.text_field='text': expected null when"),
+        (["data.messages_field=messages"], "data.messages_field='messages': expected null unless data.format is chat or hf"),
+        (["data=chat", "data.path=x.jsonl", "data.format=alpaca"], "data.messages_field='messages': expected null unless"),
+        (["data=chat", "data.path=x.jsonl", "data.role_field="], "data.role_field='': expected a field name"),
+        (["data.packing=true", "data.max_length=143"], "data.max_length=143: expected >= data.source_max_len + "
+                                                        "data.target_max_len (144) with packing"),
+        (["train.num_epochs=1"], "train.num_epochs=1: expected exactly one of train.max_steps and train.num_epochs "
+                                 "(set train.max_steps=null to train by epochs)"),
         (["data.val_fraction=1.0"], "data.val_fraction=1.0: expected a number in [0, 1)"),
         (["quant.type=int8"], "quant.type='int8': expected one of nf4, none"),
         (["quant.blocksize=100"], "quant.blocksize=100: expected one of 32, 64, 128"),
@@ -154,10 +164,14 @@ def test_hub_ids_and_local_paths(stories260k, alpaca_1k):
         (["optimizer.scheduler=step"], "optimizer.scheduler='step'"),
         (["optimizer.lr=0"], "optimizer.lr=0.0: expected a number > 0"),
         (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9]"),
-        (["train.mixed_precision=fp32"], "train.mixed_precision='fp32': expected one of bf16, fp16, no"),
+        (["train.mixed_precision=fp32"], "train.mixed_precision='fp32': expected one of auto, bf16, fp16, no"),
+        (["train.report_to=[tensorboard,comet]"], "train.report_to='comet': expected one of tensorboard, wandb, mlflow, none"),
+        (["train.cpu_threads=0"], "train.cpu_threads='0': expected auto or a number of threads >= 1"),
+        (["data.path=my.jsonl"], "data.path=my.jsonl: say what the file holds with data=json"),
         (["train.max_steps=0"], "train.max_steps=0"),
         (["train.batch_size=0"], "train.batch_size=0"),
-        (["train.eval_ranks=[1,100]"], "train.eval_ranks=[1, 100]: expected ranks in 0..adapter.r_max (64)"),
+        (["train.eval_ranks=[1,100]"], "train.eval_ranks=[1, 100]: rank 100 is above the run's adapter.r_max (64)"),
+        (["train.eval_ranks=1-8"], "train.eval_ranks='1-8': expected a rank spec like 8, 1..64"),
         (["launcher.num_processes=0"], "launcher.num_processes=0"),
         (["model=nope"], "model=nope: no such option; model has: falcon_40b, hf"),
         (["+recipe=nope"], "unknown recipe 'nope' (+recipe=nope); available: falcon40b_alpaca"),
@@ -293,6 +307,36 @@ def test_eval_config(run_dir):
         compose_config("eval", [f"run_dir={run_dir}", "task=bleu"])
     with pytest.raises(QdyloraError, match="pick one, e.g. data=json data.path=x"):
         compose_config("eval", [f"run_dir={run_dir}", "data.path=x"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "ranks"), [("1..8", list(range(1, 9))), ("[1,2,4]", [1, 2, 4]), ("1..64:16", [1, 17, 33, 49]),
+                        ("8", [8]), ("all", list(range(1, 65))), ("[0,64]", [0, 64])],
+)
+def test_train_eval_ranks_take_the_rank_syntax_of_eval(spec, ranks):
+    assert compose_config("train", [f"train.eval_ranks={spec}"]).train.eval_ranks == ranks
+
+
+def test_generate_config(run_dir, tmp_path):
+    cfg = compose_config("generate", [f"run_dir={run_dir}", "prompt=Hi, there", "rank=[1,4]", "temperature=0.7"])
+    assert isinstance(cfg, GenerateConfig) and (cfg.prompt, cfg.rank, cfg.top_p) == ("Hi, there", [1, 4], 1.0)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    assert compose_config("generate", [f"run_dir={run_dir}", f"prompts={prompts}"]).rank is None
+    for overrides, message in [
+        ([], 'give one of prompt="TEXT" or prompts=FILE'),
+        (["prompt=a", f"prompts={prompts}"], 'give one of prompt="TEXT" or prompts=FILE'),
+        ([f"prompts={prompts}", "input=x"], "input='x': expected null with prompts=FILE"),
+        (["prompts=nowhere.txt"], "prompts='nowhere.txt': expected an existing file"),
+        (["prompt=a", "rank=9"], "rank=9: rank 9 is above the run's adapter.r_max (8)"),
+        (["prompt=a", "temperature=-1"], "temperature=-1.0: expected a number >= 0"),
+        (["prompt=a", "temperature=1", "top_p=0"], "top_p=0.0: expected a number in (0, 1]"),
+        (["prompt=a", "top_p=0.9"], "top_p=0.9: expected 1.0 with temperature=0 (greedy decoding)"),
+        (["prompt=a", "max_new_tokens=0"], "max_new_tokens=0: expected a number >= 1"),
+    ]:
+        with pytest.raises(QdyloraError) as err:
+            compose_config("generate", [f"run_dir={run_dir}", *overrides])
+        assert message in str(err.value)
 
 
 def test_export_config(run_dir):

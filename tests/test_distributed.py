@@ -29,7 +29,7 @@ model_dir, out = sys.argv[1], sys.argv[2]
 def build():
     model = load_quantized(model_dir, dtype=torch.float32, device="cpu")
     torch.manual_seed(0)
-    inject_adapters(model, r_max=4, alpha=8, compute_dtype=torch.float32)
+    inject_adapters(model, r_max=4, alpha=8)
     return model
 
 def train(model, part, parts):

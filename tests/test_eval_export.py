@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,17 +12,20 @@ from transformers import AutoModelForCausalLM
 
 from qdylora_cli import cli, train
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict, set_rank
-from qdylora_cli.checkpoint import load_adapter
 from qdylora_cli.cli import compose_config
+from qdylora_cli.config import DataConfig, EvalConfig
 from qdylora_cli.data import load_datasets
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import (
-    greedy_generate,
+    eval_dir,
+    generate_at_ranks,
     gsm8k_prediction,
     normalize_number,
+    rank_figure,
     recommend,
 )
 from qdylora_cli.model import load_run_model
+from qdylora_cli.rundir import load_adapter
 
 
 def _train(run_dir, *extra):
@@ -72,7 +76,7 @@ def reference_loss(model, examples, rank):
 
 def test_eval_sweep_matches_one_rank_at_a_time(lora_run, capsys):
     assert qdylora("eval", f"run_dir={lora_run}", "rank=1..8:3", "batch_size=3", "ranks_per_pass=2") == 0
-    out = lora_run / "eval"
+    out = lora_run / "eval" / "loss-val"  # the default folder: task none (loss) on the run's validation data
     rows = _rows(out)
     assert sorted(rows) == [0, 1, 4, 7]  # the base model is always the reference
     model, tokenizer, _ = load_run_model(lora_run)
@@ -88,6 +92,7 @@ def test_eval_sweep_matches_one_rank_at_a_time(lora_run, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["best_rank"], summary["recommended_rank"]) == recommend(
         {r: row["loss"] for r, row in rows.items()}, higher_is_better=False, tolerance=0.01)
+    assert summary["samples"] == len(val) and summary["ranked_by"] == "loss"
     assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "best rank:" in printed and "recommended" in printed and "base model" in printed
@@ -139,10 +144,10 @@ def test_eval_on_data_given_on_the_command_line_uses_all_of_it(lora_run, tmp_pat
 def test_multi_rank_generation_equals_one_rank_at_a_time(lora_run):
     model, tokenizer, _ = load_run_model(lora_run)
     prompts = ["What is 3 plus 4?\n", "Reverse the word.\nstar\n", "Write the word in capital letters.\nfrog\n"]
-    together = greedy_generate(model, tokenizer, prompts, [0, 2, 8], max_new_tokens=6, device=torch.device("cpu"))
+    together = generate_at_ranks(model, tokenizer, prompts, [0, 2, 8], max_new_tokens=6, device=torch.device("cpu"))
     for rank in (0, 2, 8):
         for prompt, text in zip(prompts, together[rank]):
-            alone = greedy_generate(model, tokenizer, [prompt], [rank], max_new_tokens=6, device=torch.device("cpu"))
+            alone = generate_at_ranks(model, tokenizer, [prompt], [rank], max_new_tokens=6, device=torch.device("cpu"))
             assert alone[rank] == [text]
     assert together[0] != together[8]
 
@@ -165,21 +170,45 @@ def test_gsm8k_exact_match_per_rank(lora_run, tmp_path):
     pairs = [(3, 4), (10, 2), (0, 5), (7, 7)]
     questions = [f"What is {a} plus {b}?" for a, b in pairs]
     prompts = [f"{q}\n" for q in questions]  # the tiny recipe's plain template
-    reference = {r: greedy_generate(model, tokenizer, prompts, [r], 4, torch.device("cpu"))[r] for r in (0, 8)}
+    reference = {r: generate_at_ranks(model, tokenizer, prompts, [r], 4, torch.device("cpu"))[r] for r in (0, 8)}
     # Gold answers: the rank-8 model's own answers for the first two, the true sums for the others,
     # so rank 8 scores at least 1/2 and the metric has something to tell apart.
     golds = [gsm8k_prediction(t) or "999" for t in reference[8][:2]] + [str(a + b) for a, b in pairs[2:]]
     path = _task_file(tmp_path, "gsm.jsonl", [{"question": q, "answer": f"steps\n#### {g}"} for q, g in zip(questions, golds)])
-    out = tmp_path / "out"
-    assert qdylora("eval", f"run_dir={lora_run}", "rank=8", "task=gsm8k", "max_new_tokens=4", "data=json",
-                   f"data.path={path}", "data.template=plain", "data.instruction_field=question",
-                   "data.output_field=answer", f"out_dir={out}") == 0
+    args = ["task=gsm8k", "max_new_tokens=4", "data=json", f"data.path={path}", "data.template=plain",
+            "data.instruction_field=question", "data.output_field=answer"]
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=8", *args) == 0
+    out = lora_run / "eval" / "gsm8k-gsm"  # the default folder: the task and the data file's name
     rows = _rows(out)
     for r in (0, 8):
         expected = sum(gsm8k_prediction(t) == normalize_number(g) for t, g in zip(reference[r], golds)) / 4
         assert rows[r]["exact_match"] == expected
     assert rows[8]["exact_match"] >= 0.5
-    assert json.loads((out / "summary.json").read_text())["metric"] == "exact_match"
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["metric"], summary["ranked_by"], summary["samples"]) == ("exact_match", "exact_match", 4)
+
+    # Every generation is kept with its reference and score, rank by rank, in the order of the file.
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [(g["rank"], g["where"]) for g in generations] == [(r, f"{path}:{i + 1}") for r in (0, 8) for i in range(4)]
+    for g in generations:
+        i = int(g["where"].rsplit(":", 1)[1]) - 1
+        assert g["prompt"] == prompts[i] and g["reference"] == f"steps\n#### {golds[i]}"
+        assert g["generation"] == reference[g["rank"]][i] and g["prediction"] == gsm8k_prediction(g["generation"])
+        assert g["correct"] == (g["prediction"] == normalize_number(golds[i]))
+    assert sum(g["correct"] for g in generations if g["rank"] == 8) == rows[8]["exact_match"] * 4
+
+
+def test_a_flat_task_metric_leaves_the_rank_to_the_loss(lora_run, tmp_path):
+    path = _task_file(tmp_path, "nothing.jsonl", [{"question": f"What is {a} plus 1?", "answer": "#### 123456"}
+                                                  for a in range(3)])
+    out = tmp_path / "out"
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=[1,4,8]", "task=gsm8k", "max_new_tokens=3", "data=json",
+                   f"data.path={path}", "data.template=plain", "data.instruction_field=question",
+                   "data.output_field=answer", f"out_dir={out}") == 0
+    rows, summary = _rows(out), json.loads((out / "summary.json").read_text())
+    assert {rows[r]["exact_match"] for r in (1, 4, 8)} == {0.0}
+    assert summary["ranked_by"] == "loss"
+    assert summary["best_rank"] == min((1, 4, 8), key=lambda r: rows[r]["loss"]) != 1
 
 
 def test_mcq_accuracy_per_rank(lora_run, tmp_path):
@@ -226,6 +255,47 @@ def test_recommend():
     assert recommend(losses, higher_is_better=False, tolerance=0.0) == (8, 8)
     assert recommend({0: 0.1, 1: 0.5, 2: 0.6, 4: 0.6}, higher_is_better=True, tolerance=0.2) == (2, 1)
     assert recommend({0: 1.0}, higher_is_better=False, tolerance=0.01) is None
+    # A tie in the task metric goes to the lower loss; a flat metric (all zero) leaves it all to the loss.
+    assert recommend({0: 0.1, 1: 0.5, 2: 0.6, 4: 0.6}, True, 0.0, losses={0: 5, 1: 4, 2: 3.5, 4: 3.2}) == (4, 2)
+    assert recommend({0: 0.0, 1: 0.0, 2: 0.0, 4: 0.0}, True, 0.01, losses=losses) == (4, 4)
+
+
+def test_eval_folders_are_named_by_task_and_data():
+    run = "runs/x"
+    assert eval_dir(EvalConfig(run_dir=run)) == Path(run, "eval", "loss-val")
+    gsm8k = DataConfig(path="/data/gsm8k_test.jsonl")
+    assert eval_dir(EvalConfig(run_dir=run, task="gsm8k", data=gsm8k)) == Path(run, "eval", "gsm8k-gsm8k_test")
+    other = DataConfig(path="train.jsonl", val_path="held/out.json")
+    assert eval_dir(EvalConfig(run_dir=run, data=other)) == Path(run, "eval", "loss-out")
+    assert eval_dir(EvalConfig(run_dir=run, data=DataConfig(path="yahma/alpaca-cleaned"))).name == "loss-alpaca-cleaned"
+    assert eval_dir(EvalConfig(run_dir=run, data=DataConfig(path="builtin:tiny-instructions"))).name == "loss-tiny-instructions"
+    assert eval_dir(EvalConfig(run_dir=run, task="mcq", data=gsm8k, out_dir="mine")) == Path("mine")
+
+
+def _rows_for_plot(base_loss):
+    losses = {0: base_loss, 1: 3.9, 2: 3.7, 4: 3.5, 8: 3.45}
+    return [{"rank": r, "loss": v} for r, v in losses.items()]
+
+
+def test_plot_keeps_the_curve_readable_and_both_markers_visible():
+    far = rank_figure(_rows_for_plot(6.0), "loss", (8, 8), "t", "the run's validation data")
+    ax = far.axes[0]
+    assert ax.get_ylabel() == "loss on the run's validation data"
+    low, high = ax.get_ylim()
+    assert high < 4.5, "a base model far above must not squash the curve"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "base model (no adapter): 6, off the chart above" in legend
+    assert "best: rank 8" in legend and "recommended: rank 8" in legend
+    markers = {line.get_label(): line for line in ax.get_lines()}
+    best, chosen = markers["best: rank 8"], markers["recommended: rank 8"]
+    assert list(best.get_xdata()) == list(chosen.get_xdata()) == [8]
+    # Same rank: the star is larger and hollow, the diamond drawn on top of it, so both stay visible.
+    assert best.get_markersize() > 2 * chosen.get_markersize() and best.get_markerfacecolor() == "none"
+    assert chosen.get_zorder() > best.get_zorder()
+
+    near = rank_figure(_rows_for_plot(4.0), "loss", (8, 4), "t", "x.jsonl").axes[0]
+    assert "base model (no adapter)" in [t.get_text() for t in near.get_legend().get_texts()]
+    assert near.get_ylim()[1] > 4.0, "a base model near the curve is drawn as a line"
 
 
 # --- export --------------------------------------------------------------------------------------------
@@ -254,7 +324,7 @@ def test_peft_export_equals_our_model_at_that_rank(variant, scale, tmp_path):
     assert config["target_modules"] == meta["target_modules"]
 
     ours = _float_base(run_dir)  # the same unquantized base on both sides
-    inject_adapters(ours, r_max=8, alpha=32.0, mode=meta["mode"], variant=variant, scale=scale, quant="none")
+    inject_adapters(ours, r_max=8, alpha=32.0, mode=meta["mode"], variant=variant, scale=scale)
     load_adapter_state_dict(ours, weights)
     set_rank(ours, 5)
     theirs = peft.PeftModel.from_pretrained(_float_base(run_dir), str(out)).eval()
@@ -279,7 +349,7 @@ def test_merged_export_equals_the_quantized_run_and_evaluates_the_same(lora_run,
 
     assert qdylora("eval", f"run_dir={lora_run}", "rank=8", f"out_dir={lora_run / 'eval-r8'}") == 0
     assert qdylora("eval", f"run_dir={merged_dir}") == 0
-    assert _rows(merged_dir / "eval")[8]["loss"] == pytest.approx(_rows(lora_run / "eval-r8")[8]["loss"], rel=1e-5)
+    assert _rows(merged_dir / "eval" / "loss-val")[8]["loss"] == pytest.approx(_rows(lora_run / "eval-r8")[8]["loss"], rel=1e-5)
     assert qdylora("eval", f"run_dir={merged_dir}", "rank=4") == 2
     assert "is a merged export of rank 8" in capsys.readouterr().err
 
@@ -334,14 +404,14 @@ def test_stories260k_export_and_eval(stories260k, shakespeare, tmp_path):
         "train.eval_every=0", "train.mixed_precision=no", "train.gradient_checkpointing=false",
     ]))
     assert qdylora("eval", f"run_dir={run_dir}", "rank=[2,8]", "max_batches=4") == 0
-    rows = _rows(run_dir / "eval")
+    rows = _rows(run_dir / "eval" / "loss-val")
     assert rows[8]["loss"] < rows[0]["loss"]
     assert qdylora("export", f"run_dir={run_dir}", "rank=2") == 0
     base = AutoModelForCausalLM.from_pretrained(stories260k).eval()
     theirs = peft.PeftModel.from_pretrained(base, str(run_dir / "export" / "rank-2-peft")).eval()
     ours = AutoModelForCausalLM.from_pretrained(stories260k).eval()
     weights, meta = load_adapter(run_dir / "adapter")
-    inject_adapters(ours, r_max=8, alpha=16.0, mode=meta["mode"], scale=meta["scale"], quant="none")
+    inject_adapters(ours, r_max=8, alpha=16.0, mode=meta["mode"], scale=meta["scale"])
     load_adapter_state_dict(ours, weights)
     set_rank(ours, 2)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))

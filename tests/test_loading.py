@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from qdylora_cli.adapters import inject_adapters, iter_adapters, set_rank
+from qdylora_cli.adapters import find_target_modules, inject_adapters, iter_adapters, set_rank
+from qdylora_cli.config import QuantConfig
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.loading import load_quantized
 from qdylora_cli.model import enable_gradient_checkpointing
@@ -34,17 +35,21 @@ def save_sharded(path: Path, config: LlamaConfig, shard: str = "100KB") -> Path:
 
 
 def regular_load(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """The reference: the whole float model first, then quantized by inject_adapters."""
+    """The reference: the whole float model first, then each target layer quantized by NF4Linear itself."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    for name in find_target_modules(model, ["all-linear"]):
+        parent, _, attr = name.rpartition(".")
+        linear = model.get_submodule(name)
+        setattr(model.get_submodule(parent), attr, NF4Linear.from_linear(linear, compute_dtype=dtype))
     torch.manual_seed(1)
-    inject_adapters(model, r_max=4, alpha=8, compute_dtype=dtype)
+    inject_adapters(model, r_max=4, alpha=8)
     return model
 
 
 def streamed_load(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     model = load_quantized(str(path), dtype=dtype, device="cpu")
     torch.manual_seed(1)
-    inject_adapters(model, r_max=4, alpha=8, compute_dtype=dtype)
+    inject_adapters(model, r_max=4, alpha=8)
     return model
 
 
@@ -154,7 +159,7 @@ def test_bitsandbytes_nf4_checkpoint_loads_without_requantizing(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, bnb_model(ids).logits, rtol=1e-4, atol=1e-4)
     # Adapters go on top of the loaded NF4 layers, with no second quantization.
-    assert len(inject_adapters(model, r_max=4, alpha=8, compute_dtype=torch.float32)) == 14
+    assert len(inject_adapters(model, r_max=4, alpha=8)) == 14
 
 
 def test_training_step_with_gradient_checkpointing_matches_and_keeps_no_float_weights(tmp_path):
@@ -225,7 +230,7 @@ def test_checkpoints_of_the_bare_base_model_and_quant_none(tmp_path):
     state = load_file(str(path / "model.safetensors"))
     save_file({k.removeprefix("model."): v for k, v in state.items()}, str(path / "model.safetensors"),
               metadata={"format": "pt"})
-    model = load_quantized(str(path), dtype=torch.bfloat16, quant="none", device="cpu")
+    model = load_quantized(str(path), dtype=torch.bfloat16, quant=QuantConfig(type="none"), device="cpu")
     assert not any(isinstance(m, NF4Linear) for m in model.modules())
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight,

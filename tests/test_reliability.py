@@ -27,9 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from qdylora_cli import cli, train
-from qdylora_cli.checkpoint import checkpoint_dirs, verify_dir
 from qdylora_cli.cli import compose_config
-from qdylora_cli.config import save_config
+from qdylora_cli.rundir import checkpoint_dirs, save_config, verify_dir
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -197,13 +196,13 @@ def straight(runs) -> Path:
     return runs["straight"]["dir"]
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training on one thread, like the subprocesses (and kinder to a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+def _error_line(stderr: str) -> str:
+    """The one `error:` line of a failed command: the last line on stderr (logs may come before it), no traceback."""
+    lines = stderr.strip().splitlines()
+    assert sum(line.startswith("error: ") for line in lines) == 1 and lines[-1].startswith("error: "), stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[-1]
 
 
 def _ok(run: dict, key: str = "rc") -> None:
@@ -266,7 +265,7 @@ def test_damaged_or_partial_newest_checkpoint_is_skipped_with_a_warning(runs, na
     assert verify_dir(run["dir"] / "checkpoints" / newest) is None, "the damaged checkpoint is written anew"
 
 
-def test_resume_before_the_first_checkpoint_starts_over(tmp_path, one_thread):
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
     """Killed before its first checkpoint: resume=true starts again from step 0 (nothing was saved to lose)."""
     args = ["train", "+recipe=tiny", "train.max_steps=4", "train.save_every=10", "train.eval_every=0",
             "train.log_every=1", "adapter.dropout=0.1"]
@@ -304,7 +303,7 @@ def _poison(monkeypatch, loss_steps: set[int] | range, grad_steps: set[int]) -> 
     real = train.build_training_model
 
     def build(*args, **kwargs):
-        model, tokenizer, meta = real(*args, **kwargs)
+        model, meta, base = real(*args, **kwargs)
         calls = [0]
 
         def hook(module, inputs, output):
@@ -318,12 +317,12 @@ def _poison(monkeypatch, loss_steps: set[int] | range, grad_steps: set[int]) -> 
             return output
 
         model.register_forward_hook(hook)
-        return model, tokenizer, meta
+        return model, meta, base
 
     monkeypatch.setattr(train, "build_training_model", build)
 
 
-def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, capsys, one_thread):
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "nan"
     # Step 3: a NaN gradient (finite loss); steps 8 on: NaN loss. max_bad_steps=3 stops it at step 10.
     _poison(monkeypatch, loss_steps=range(8, 100), grad_steps={3})
@@ -331,8 +330,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
         cli.main(["train", "+recipe=tiny", f"run_dir={run_dir}", "train.max_steps=30", "train.save_every=5",
                   "train.eval_every=0", "train.log_every=1", "train.max_bad_steps=3"])
     assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
+    err = _error_line(capsys.readouterr().err)
     assert err.startswith("error: 3 non-finite steps in a row (train.max_bad_steps=3) at step 10")
     assert f"Last good checkpoint: {run_dir / 'checkpoints' / 'step-5'}" in err
 
@@ -351,7 +349,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
 # --- no silent overwrite -------------------------------------------------------------------------
 
 
-def test_overwrite_true_replaces_the_old_run(tmp_path, straight, one_thread):
+def test_overwrite_true_replaces_the_old_run(tmp_path, straight):
     run_dir = tmp_path / "replaced"
     shutil.copytree(straight, run_dir)
     (run_dir / "eval").mkdir()
@@ -366,7 +364,7 @@ def test_overwrite_true_replaces_the_old_run(tmp_path, straight, one_thread):
     assert "max_steps: 3" in (run_dir / "config.yaml").read_text()
 
 
-def test_a_tokenizer_without_pad_token_pads_with_eos(workspace, tmp_path, one_thread):
+def test_a_tokenizer_without_pad_token_pads_with_eos(workspace, tmp_path):
     run_dir = tmp_path / "eos-pad"
     with pytest.raises(SystemExit) as exit_:
         cli.main(["train", "+recipe=tiny", f"run_dir={run_dir}", f"model.tokenizer={workspace / 'eos-only-tokenizer'}",
@@ -398,6 +396,7 @@ def workspace(tmp_path_factory) -> Path:
     pad_eos.save_pretrained(ws / "no-pad-tokenizer")
     good = '{"instruction": "Reverse the word.", "input": "cat", "output": "tac"}\n'
     (ws / "empty.jsonl").write_text("")
+    (ws / "one-object.json").write_text('{"instruction": "Reverse the word.", "input": "cat", "output": "tac"}\n')
     (ws / "truncated.json").write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "outp')
     (ws / "not-json.jsonl").write_text(good * 2 + "instruction: a\n")
     (ws / "missing-field.jsonl").write_text(good + '{"instruction": "a"}\n')
@@ -405,12 +404,47 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "wrong-type.jsonl").write_text('{"instruction": "a", "output": 42}\n')
     (ws / "latin1.jsonl").write_bytes((good + '{"instruction": "café", "output": "b"}\n').encode("latin-1"))
     (ws / "blank.txt").write_text("\n  \n")
+    chat = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+    (ws / "chat-no-messages.jsonl").write_text(chat + '{"conversations": []}\n')
+    (ws / "chat-empty.jsonl").write_text('{"messages": []}\n')
+    (ws / "chat-bad-role.jsonl").write_text(chat + '{"messages": [{"role": "bot", "content": "x"}]}\n')
+    (ws / "chat-content-list.jsonl").write_text('{"messages": [{"role": "user", "content": ["x"]}]}\n')
+    (ws / "chat-no-assistant.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    (ws / "chat-ends-with-user.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "#### 1"}, '
+        '{"role": "user", "content": "Bye"}]}\n')
+    (ws / "chat.jsonl").write_text(chat * 4)
+    (ws / "bad.jinja").write_text("{% for m in messages %}{{ m.content }")
+    import datasets
+
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"}]}]).save_to_disk(str(ws / "hf-chat"))
     (ws / "a-file").write_text("not a directory")
     (ws / "unfinished").mkdir()  # a run stopped before it wrote its adapter
     save_config(compose_config("train", ["+recipe=tiny", f"run_dir={ws / 'unfinished'}"]), ws / "unfinished" / "config.yaml")
     (ws / "broken-run" / "checkpoints").mkdir(parents=True)
     (ws / "broken-run" / "config.yaml").write_text("model: [unclosed\n")
+    truncated = ws / "truncated-model"  # a download cut short
+    shutil.copytree(no_weights, truncated)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(no_weights)).save_pretrained(truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    shutil.copytree(no_weights, ws / "bad-tokenizer")
+    (ws / "bad-tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nonsense"}}')
+    (ws / "bad-tokenizer" / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
     return ws
+
+
+@pytest.fixture(scope="module")
+def damaged_adapter(straight, tmp_path_factory) -> Path:
+    """A copy of a finished run whose adapter file is half written and has no manifest to give it away."""
+    run_dir = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(straight, run_dir)
+    weights = run_dir / "adapter" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (run_dir / "adapter" / "manifest.json").unlink()
+    return run_dir
 
 
 # (case id, arguments: {ws}/{run} are filled in, what the one error line must name)
@@ -441,6 +475,8 @@ BAD_INPUTS = [
     ("data-file-missing", ["train", "data=json", "data.path={ws}/nope.jsonl"], "data.path"),
     ("data-path-required", ["train", "data=json"], "data.path"),
     ("empty-dataset", ["train", "data=json", "data.path={ws}/empty.jsonl"], "empty.jsonl"),
+    ("one-object-not-records", ["train", "data=json", "data.path={ws}/one-object.json"],
+     "{ws}/one-object.json: one JSON object, not a list of records"),
     ("truncated-json", ["train", "data=json", "data.path={ws}/truncated.json"], "truncated.json:1"),
     ("jsonl-line-not-json", ["train", "data=json", "data.path={ws}/not-json.jsonl"], "not-json.jsonl:3"),
     ("missing-field", ["train", "data=json", "data.path={ws}/missing-field.jsonl"], "missing-field.jsonl:2"),
@@ -448,6 +484,29 @@ BAD_INPUTS = [
     ("field-not-a-string", ["train", "data=json", "data.path={ws}/wrong-type.jsonl"], "wrong-type.jsonl:1"),
     ("not-utf8", ["train", "data=json", "data.path={ws}/latin1.jsonl"], "latin1.jsonl:2"),
     ("empty-text", ["train", "data=text", "data.path={ws}/blank.txt"], "blank.txt"),
+    ("chat-no-messages", ["train", "data=chat", "data.path={ws}/chat-no-messages.jsonl"], "chat-no-messages.jsonl:2"),
+    ("chat-no-messages-in-list", ["train", "data=chat", "data.path={ws}/chat-empty.jsonl"], "chat-empty.jsonl:1: no messages"),
+    ("chat-unknown-role", ["train", "data=chat", "data.path={ws}/chat-bad-role.jsonl"], "chat-bad-role.jsonl:2"),
+    ("chat-content-not-a-string", ["train", "data=chat", "data.path={ws}/chat-content-list.jsonl"],
+     "chat-content-list.jsonl:1"),
+    ("chat-no-assistant-turn", ["train", "data=chat", "data.path={ws}/chat-no-assistant.jsonl"],
+     "chat-no-assistant.jsonl:1: no assistant message"),
+    ("chat-hf-no-assistant-turn", ["train", "data=chat", "data.format=hf", "data.path={ws}/hf-chat"],
+     "hf-chat row 1: no assistant message"),
+    ("chat-template-not-jinja", ["train", "data=chat", "data.path={ws}/chat.jsonl", "data.chat_template={ws}/bad.jinja"],
+     "bad.jinja"),
+    ("chat-template-file-missing", ["train", "data=chat", "data.path={ws}/chat.jsonl", "data.chat_template=nope.jinja"],
+     "data.chat_template='nope.jinja'"),
+    ("instructions-read-as-chat", ["train", "data=json", "data.format=chat", "data.path={ws}/missing-field.jsonl"],
+     "missing-field.jsonl:1: missing field 'messages'"),
+    ("chat-key-on-instructions", ["train", "data.chat_template=chatml"], "data.chat_template"),
+    ("chat-all-cut-before-an-answer", ["train", "data=chat", "data.path={ws}/chat.jsonl", "data.max_length=8"],
+     "data.max_length"),
+    ("packing-a-text-corpus", ["train", "data=text", "data.path={ws}/blank.txt", "data.packing=true"], "data.packing"),
+    ("packing-rows-too-short", ["train", "data.packing=true", "data.max_length=100"], "data.max_length=100"),
+    ("epochs-and-steps", ["train", "train.num_epochs=2"], "train.max_steps=null"),
+    ("neither-epochs-nor-steps", ["train", "train.max_steps=null"], "train.num_epochs"),
+    ("epochs-zero", ["train", "train.max_steps=null", "train.num_epochs=0"], "train.num_epochs=0"),
     ("run-dir-not-writable", ["train", "run_dir={ws}/a-file/run"], "a-file"),
     ("run-dir-is-a-file", ["train", "run_dir={ws}/a-file"], "a-file' is a file"),
     ("existing-run", ["train", "run_dir={run}"], "{run} already holds a run"),
@@ -465,22 +524,65 @@ BAD_INPUTS = [
     ("export-rank-the-run-lacks", ["export", "run_dir={run}", "rank=99"], "rank=99"),
     ("export-format-unknown", ["export", "run_dir={run}", "rank=2", "format=onnx"], "format='onnx'"),
     ("export-not-a-run", ["export", "run_dir={ws}/run", "rank=2"], "{ws}/run is not a qdylora run directory"),
+    ("eval-chat-unknown-role", ["eval", "run_dir={run}", "data=chat", "data.path={ws}/chat-bad-role.jsonl"],
+     "chat-bad-role.jsonl:2"),
+    ("eval-chat-task-without-answer", ["eval", "run_dir={run}", "task=gsm8k", "data=chat",
+                                       "data.path={ws}/chat-ends-with-user.jsonl"], "chat-ends-with-user.jsonl:1"),
+    ("eval-packing", ["eval", "run_dir={run}", "data=chat", "data.path={ws}/chat.jsonl", "data.packing=true"],
+     "data.packing"),
     ("eval-unfinished-run", ["eval", "run_dir={ws}/unfinished"], "{ws}/unfinished has no finished adapter"),
     ("export-unfinished-run", ["export", "run_dir={ws}/unfinished", "rank=2"], "{ws}/unfinished"),
     ("eval-out-dir-not-writable", ["eval", "run_dir={run}", "max_batches=1", "out_dir={ws}/a-file/eval"], "a-file"),
     ("export-out-dir-not-writable", ["export", "run_dir={run}", "rank=2", "out_dir={ws}/a-file/x"], "a-file"),
+    ("sequence-longer-than-the-context", ["train", "data.source_max_len=500"],
+     "data.source_max_len + data.target_max_len = 548 is longer than the model's context (512 positions"),
+    ("text-blocks-longer-than-the-context",
+     ["train", "model=hf", "model.name_or_path={ws}/truncated-model", "data=text", "data.path={ws}/blank.txt",
+      "data.block_size=100000"], "data.block_size = 100000 is longer than the model's context (2048 positions"),
+    ("truncated-weights", ["train", "model=hf", "model.name_or_path={ws}/truncated-model"],
+     "{ws}/truncated-model/model.safetensors: unreadable weights"),
+    ("damaged-tokenizer", ["train", "model.tokenizer={ws}/bad-tokenizer"], "cannot load a tokenizer from '{ws}/bad-tokenizer'"),
+    ("eval-damaged-adapter", ["eval", "run_dir={damaged}", "out_dir={ws}/e"], "adapter in {damaged}/adapter is unreadable"),
+    ("export-damaged-adapter", ["export", "run_dir={damaged}", "rank=2", "out_dir={ws}/x"],
+     "adapter in {damaged}/adapter is unreadable"),
+    ("merged-export-damaged-adapter", ["export", "run_dir={damaged}", "rank=2", "format=merged", "out_dir={ws}/x"],
+     "adapter in {damaged}/adapter is unreadable"),
+    ("tracker-not-installed", ["train", "train.report_to=[mlflow]"], "mlflow is not installed"),
+    ("generate-damaged-adapter", ["generate", "run_dir={damaged}", "prompt=hi"], "adapter in {damaged}/adapter is unreadable"),
+    ("train-eval-ranks-not-a-spec", ["train", "train.eval_ranks=1-8"], "train.eval_ranks='1-8'"),
+    ("generate-no-prompt", ["generate", "run_dir={run}"], 'prompt="TEXT" or prompts=FILE'),
+    ("generate-prompt-and-prompts", ["generate", "run_dir={run}", "prompt=hi", "prompts={ws}/blank.txt"],
+     'prompt="TEXT" or prompts=FILE'),
+    ("generate-input-without-prompt", ["generate", "run_dir={run}", "prompts={ws}/blank.txt", "input=x"], "input='x'"),
+    ("generate-prompts-missing", ["generate", "run_dir={run}", "prompts={ws}/nope.txt"], "prompts='{ws}/nope.txt'"),
+    ("generate-prompts-empty", ["generate", "run_dir={run}", "prompts={ws}/blank.txt"], "blank.txt"),
+    ("generate-prompts-not-json", ["generate", "run_dir={run}", "prompts={ws}/not-json.jsonl"], "not-json.jsonl:3"),
+    ("generate-prompt-record-not-text", ["generate", "run_dir={run}", "prompts={ws}/not-object.jsonl"],
+     "not-object.jsonl:1"),
+    ("generate-prompts-not-utf8", ["generate", "run_dir={run}", "prompts={ws}/latin1.jsonl"], "latin1.jsonl:2"),
+    ("generate-rank-above-r-max", ["generate", "run_dir={run}", "prompt=hi", "rank=[1,99]"], "rank=[1, 99]"),
+    ("generate-temperature-negative", ["generate", "run_dir={run}", "prompt=hi", "temperature=-0.5"], "temperature"),
+    ("generate-top-p-when-greedy", ["generate", "run_dir={run}", "prompt=hi", "top_p=0.9"], "top_p=0.9"),
+    ("generate-out-file-exists", ["generate", "run_dir={run}", "prompt=hi", "out_file={ws}/run/keep.txt"],
+     "{ws}/run/keep.txt already exists"),
+    ("generate-out-file-not-writable", ["generate", "run_dir={run}", "prompt=hi", "out_file={ws}/a-file/a.jsonl"],
+     "a-file"),
+    ("generate-not-a-run", ["generate", "run_dir={ws}/run", "prompt=hi"], "{ws}/run is not a qdylora run directory"),
+    ("generate-unfinished-run", ["generate", "run_dir={ws}/unfinished", "prompt=hi"],
+     "{ws}/unfinished has no finished adapter"),
 ]
 
 
 @pytest.mark.parametrize(("args", "culprit"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_one_line_naming_the_culprit_and_changes_nothing(args, culprit, workspace, straight, capsys):
+def test_bad_input_is_one_line_naming_the_culprit_and_changes_nothing(args, culprit, workspace, straight,
+                                                                        damaged_adapter, capsys):
     """Each mistake: exit 2, one `error:` line on stderr that names the key, file or line, no file touched.
 
     Train commands that get past the config into the loader train into `{ws}/run` (holding a user's
     file) with the tiny recipe; `{run}` is a finished run, which must survive refusals unchanged.
     """
     def fill(text: str) -> str:
-        return text.replace("{ws}", str(workspace)).replace("{run}", str(straight))
+        return text.replace("{ws}", str(workspace)).replace("{run}", str(straight)).replace("{damaged}", str(damaged_adapter))
 
     argv, culprit = [fill(a) for a in args], fill(culprit)
     if argv[0] == "train" and not any(a.startswith("run_dir=") for a in argv):
@@ -492,8 +594,70 @@ def test_bad_input_is_one_line_naming_the_culprit_and_changes_nothing(args, culp
         cli.main(argv)
     out, err = capsys.readouterr()
     assert exit_.value.code == 2, f"exit {exit_.value.code}; stdout: {out[-2000:]}"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
-    assert culprit in lines[0], lines[0]
+    assert culprit in _error_line(err), err[-3000:]
     assert _snapshot(workspace, straight) == before, "existing files must be left untouched"
     assert not (workspace / "run" / "base_model").exists() and not (workspace / "run" / "config.yaml").exists()
+
+
+# --- one writer per run ------------------------------------------------------------------------------
+
+
+def test_a_run_has_one_writer_and_the_others_stop_at_once_naming_it(tmp_path):
+    """While a run trains, a second train (resume or overwrite) stops before touching anything; eval and
+    export say the run is in training; once the writer is killed, the lock is gone with it."""
+    run_dir = tmp_path / "busy"
+    writer = _start(run_dir, "train.max_steps=100000", "train.save_every=5")
+    _wait_for(writer, lambda: bool(checkpoint_dirs(run_dir)), "the first checkpoint")
+    try:
+        config = (run_dir / "config.yaml").read_bytes()
+        for extra in (["train.resume=true"], ["overwrite=true"]):
+            code, out = _finish(_start(run_dir, *extra), timeout=120)
+            assert code == 2, out[-2000:]
+            assert _error_line(out).startswith(f"error: {run_dir} is being trained by PID {writer.pid} on ")
+            # The writer's files are its own: the config was not rewritten, overwrite deleted nothing.
+            assert (run_dir / "config.yaml").read_bytes() == config and checkpoint_dirs(run_dir)
+        env = _env()
+        for args in (["eval", f"run_dir={run_dir}"], ["export", f"run_dir={run_dir}", "rank=2"]):
+            done = subprocess.run([sys.executable, "-m", "qdylora_cli", *args], capture_output=True, text=True,
+                                  env=env, timeout=120)
+            assert done.returncode == 2
+            assert f"{run_dir} is being trained by PID {writer.pid}" in done.stderr
+            assert "has no finished adapter yet" in done.stderr
+        assert writer.poll() is None, "the run in training went on undisturbed"
+    finally:
+        writer.kill()
+        writer.wait()
+    code, out = _finish(_start(run_dir, "train.resume=true", "train.max_steps=12"), timeout=300)
+    assert code == 0, out[-2000:]  # SIGKILL left no stale lock
+
+
+# --- out of memory -----------------------------------------------------------------------------------
+
+
+def test_out_of_memory_is_one_line_with_the_step_the_settings_and_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "oom"
+    real = train.build_training_model
+
+    def build(*args, **kwargs):  # at step 7 the forward asks the allocator for an impossible amount of memory
+        model, meta, base = real(*args, **kwargs)
+        calls = [0]
+
+        def hook(module, inputs):
+            calls[0] += module.training
+            if calls[0] == 7:
+                torch.empty(1 << 60, dtype=torch.uint8)
+
+        model.register_forward_pre_hook(hook)
+        return model, meta, base
+
+    monkeypatch.setattr(train, "build_training_model", build)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "+recipe=tiny", f"run_dir={run_dir}", "train.max_steps=30", "train.save_every=5",
+                  "train.eval_every=0", "train.log_every=1"])
+    assert exit_.value.code == 1
+    err = _error_line(capsys.readouterr().err)
+    assert err.startswith("error: out of memory at step 7 (train.batch_size=16, sequence length up to 144, "
+                          "adapter.r_max=8, train.gradient_checkpointing=false)")
+    assert err.endswith(f"Last good checkpoint: {run_dir / 'checkpoints' / 'step-5'}")
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step-5"] and verify_dir(run_dir / "checkpoints" / "step-5") is None
+    assert [m["step"] for m in _metrics(run_dir)][-1] == 6 and not (run_dir / "adapter").exists()

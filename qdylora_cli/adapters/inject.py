@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from qdylora_cli.adapters.lora import DynamicRankLoRA, check_rank
-from qdylora_cli.choices import QUANT_TYPES
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.quant import NF4Linear
 
@@ -64,17 +63,10 @@ def inject_adapters(
     variant: str = "lora",
     scale: str = "alpha_over_rank",
     target_modules: Sequence[str] = (ALL_LINEAR,),
-    quant: str = "nf4",
-    double_quant: bool = True,
-    blocksize: int = 64,
-    compute_dtype: torch.dtype | None = None,
 ) -> list[str]:
-    """Replace the target linear layers by NF4 (or float, `quant="none"`) bases with adapters.
-
-    Everything else in the model is frozen. Returns the adapted module names.
-    """
-    if quant not in QUANT_TYPES:
-        raise QdyloraError(f"quant.type {quant!r} is unknown; expected one of {', '.join(QUANT_TYPES)}")
+    """Wrap each target linear layer, as it is (`NF4Linear`, or `nn.Linear` with quant.type=none), in
+    a `DynamicRankLoRA`; quantizing is the loader's job (loading.py). Everything else in the model is
+    frozen. Returns the adapted module names."""
     if any(True for _ in iter_adapters(model)):
         raise QdyloraError("this model already has adapters; inject them once")
     names = find_target_modules(model, target_modules)
@@ -82,14 +74,9 @@ def inject_adapters(
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        linear = getattr(parent, attr)
-        if quant == "nf4" and not isinstance(linear, NF4Linear):
-            base = NF4Linear.from_linear(linear, double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize)
-        else:
-            base = linear
-        setattr(parent, attr, DynamicRankLoRA(base, r_max, alpha, dropout=dropout, mode=mode, variant=variant,
-                                                   scale=scale))
-        del linear  # with quant="nf4" that was the last reference to the float weight (unless tied elsewhere)
+        adapter = DynamicRankLoRA(getattr(parent, attr), r_max, alpha, dropout=dropout, mode=mode, variant=variant,
+                                  scale=scale)
+        setattr(parent, attr, adapter)
     return names
 
 

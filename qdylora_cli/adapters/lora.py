@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,7 @@ class DynamicRankLoRA(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r_max, self.alpha, self.mode, self.variant, self.scale = r_max, float(alpha), mode, variant, scale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = float(dropout)
 
         device = next(itertools.chain(base.parameters(), base.buffers())).device
         self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, device=device))
@@ -160,14 +160,16 @@ class DynamicRankLoRA(nn.Module):
         ranks[i] columns of the inner product, scaled by s(ranks[i]). Factors are cast to the
         activations' dtype, not x to float32, so backward saves no float32 copy of x.
         """
-        x = self.dropout(x)
         A, B = self.lora_A[:top].to(x.dtype), self.lora_B[:, :top].to(x.dtype)
+        keep = None
+        if self.training and self.dropout > 0:  # one mask, however many times x is used below
+            keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout)
         frozen = self.mode == "frozen" and torch.is_grad_enabled()
-        h = F.linear(x, A.detach() if frozen else A)
+        h = _dropout_linear(x, A.detach() if frozen else A, keep, self.dropout)
         columns = self._rank_columns(ranks, top).to(h.dtype) if len(ranks) > 1 else None
         if frozen:  # gradient to A only through column b-1 of a rank-b chunk (the value is unchanged)
             trained = self._slice_columns(ranks, top).to(h.dtype)
-            h_a = F.linear(x.detach(), A)
+            h_a = _dropout_linear(x.detach(), A, keep, self.dropout)
             h = h + _per_row(h_a - h_a.detach(), trained)
         h = h * self.rank_scale(top) if columns is None else _per_row(h, columns)
         delta = F.linear(h, B.detach() if frozen else B)
@@ -280,16 +282,44 @@ class DynamicRankLoRA(nn.Module):
                 f"variant={self.variant}, rank={self._rank}")
 
 
+def _dropout_linear(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """`dropout(x)·weightᵀ` with the dropout mask `keep` (None: no dropout)."""
+    return F.linear(x, weight) if keep is None else _DropoutLinear.apply(x, weight, keep, 1 / (1 - p))
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """(x ⊙ keep / (1-p))·Wᵀ that keeps x and the boolean mask for backward, not the dropped-out copy.
+
+    Every adapter of a layer's input (q, k and v; gate and up) would otherwise save its own full copy
+    of x; x itself is one tensor they share, and a mask is a byte per value.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, keep)
+        ctx.scale = scale
+        return F.linear(x * keep * scale, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, keep = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight) * keep * ctx.scale
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.flatten(0, -2).T @ (x * keep * ctx.scale).flatten(0, -2)
+        return grad_x, grad_w, None, None
+
+
 def _per_row(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Multiply the i-th of k contiguous batch chunks of `t` (N, ..., n) by `rows[i]`; `rows` is (k, n).
 
-    Chunk sizes differ by at most one (row j belongs to chunk ⌊j·k/N⌋), so any batch of at least k
-    rows splits; evaluation repeats its batch k times, which gives k exact copies.
+    Row j belongs to chunk ⌊j·k/N⌋: chunk sizes differ by at most one, and a batch of fewer than k
+    rows (the short last batch of an epoch) leaves some ranks without rows. Evaluation repeats its
+    batch k times, which gives k exact copies.
     """
     k, n = rows.shape[0], t.shape[0]
     if k == 1:
         return t * rows[0]
-    if n < k:
-        raise QdyloraError(f"multi-rank forward: a batch of {n} rows cannot give each of {k} ranks a chunk")
     chunk = torch.arange(n, device=rows.device) * k // n
     return t * rows[chunk].view(n, *([1] * (t.dim() - 2)), -1)

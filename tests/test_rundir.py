@@ -1,11 +1,12 @@
-"""Atomic directories, manifests, and skipping damaged checkpoints."""
+"""The run directory: atomic directories, manifests, and skipping damaged checkpoints."""
 
 import logging
 
 import pytest
 import torch
 
-from qdylora_cli.checkpoint import (
+from qdylora_cli.errors import QdyloraError
+from qdylora_cli.rundir import (
     atomic_dir,
     checkpoint_dirs,
     latest_good_checkpoint,
@@ -14,7 +15,6 @@ from qdylora_cli.checkpoint import (
     save_checkpoint,
     verify_dir,
 )
-from qdylora_cli.errors import QdyloraError
 
 
 def _write(tmp, text="x"):
