@@ -37,7 +37,7 @@ from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import choice_losses
 from qdylora_cli.model import load_run_model
 from qdylora_cli.rank_search import MeasuredLosses, SearchResult, search, smallest_within
-from qdylora_cli.rundir import atomic_dir, check_writable, load_run_config, note_if_training
+from qdylora_cli.rundir import ALLOCATE, atomic_dir, check_writable, load_run_config, note_if_training
 
 
 def budget_capacity(cfg: AllocateConfig, full: int, smallest: int, smallest_rank: int) -> int | None:
@@ -209,7 +209,7 @@ def _search(cfg: AllocateConfig, shapes: Sequence[ModuleShape], candidates: list
 def run(cfg: AllocateConfig) -> dict[str, Any]:
     """Search, check, print and write RUN_DIR/allocate. Returns the summary."""
     run_dir = Path(cfg.run_dir)
-    out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "allocate"
+    out = Path(cfg.out_dir) if cfg.out_dir else run_dir / ALLOCATE
     if out.exists() and not cfg.overwrite:  # before any work, not after it
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it (or out_dir=... for another)")
     check_writable(out, "out_dir")
@@ -241,11 +241,9 @@ def run(cfg: AllocateConfig) -> dict[str, Any]:
                             device=device)
     uniform_rows = [{"rank": b, "params": allocation_params(shapes, uniform(shapes, b)), "loss": loss}
                     for b, loss in zip(ranks, checked[1:])]
-    budget = ({"budget": cfg.budget} if cfg.budget is not None else {"budget_params": cfg.budget_params}
-              if cfg.budget_params is not None else {"tolerance": cfg.tolerance})
     summary = {
         "run_dir": str(run_dir),
-        **budget,
+        **{key: getattr(cfg, key) for key in ("budget", "budget_params", "tolerance") if getattr(cfg, key) is not None},
         "capacity": capacity,
         "params": result.params,
         "share_of_r_max": result.params / full,

@@ -126,10 +126,9 @@ class SearchResult:
     sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)  # last round: module -> rank -> loss change
 
 
-def start_rank(shapes: Sequence[ModuleShape], candidates: Sequence[int], capacity: int, r_max: int) -> int:
-    """The largest uniform rank within `capacity` (any of 1..r_max), else the smallest positive candidate."""
-    fitting = [b for b in range(1, r_max + 1) if allocation_params(shapes, uniform(shapes, b)) <= capacity]
-    return max(fitting) if fitting else min(c for c in candidates if c > 0)
+def start_rank(shapes: Sequence[ModuleShape], capacity: int, r_max: int) -> int:
+    """The largest uniform rank (any of 1..r_max) within `capacity`; callers make sure that rank 1 fits."""
+    return max(b for b in range(1, r_max + 1) if allocation_params(shapes, uniform(shapes, b)) <= capacity)
 
 
 def neighbours(candidates: Sequence[int], rank: int) -> list[int]:
@@ -173,7 +172,7 @@ def search(
 ) -> SearchResult:
     """The allocation with the lowest measured loss within `capacity` parameters (see the module docstring)."""
     shapes = list(shapes)
-    first = start_rank(shapes, candidates, capacity, r_max)
+    first = start_rank(shapes, capacity, r_max)
     reference = uniform(shapes, first)
     result = SearchResult(reference, allocation_params(shapes, reference), losses([reference])[0], capacity, first)
     for _ in range(rounds):
