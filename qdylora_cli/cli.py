@@ -23,15 +23,18 @@ from omegaconf import OmegaConf, open_dict
 from qdylora_cli import __version__
 from qdylora_cli.config import (
     SCHEMAS,
+    AllocateConfig,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
     TrainConfig,
     absolute_paths,
+    allocation_stands_for_rank,
     flat_config,
     to_typed,
     unflatten,
     unknown_key_message,
+    validate_allocate,
     validate_eval,
     validate_export,
     validate_generate,
@@ -47,9 +50,10 @@ COMMANDS = {
     "eval": "loss/perplexity (or task scores) of a trained run at many ranks",
     "export": "one rank of a run as a PEFT adapter or a merged model",
     "generate": "a run's answers to your prompts, at one rank or several side by side",
+    "allocate": "a rank per layer for a parameter budget, chosen from a trained run without training again",
 }
 MODULES = {"train": "qdylora_cli.train", "eval": "qdylora_cli.evaluate", "export": "qdylora_cli.export",
-           "generate": "qdylora_cli.generate"}
+           "generate": "qdylora_cli.generate", "allocate": "qdylora_cli.allocate"}
 GROUPS = ("model", "data", "quant", "rank_schedule", "optimizer")
 # The option of each group whose comments document every key of the group (read first for --help).
 REFERENCE_OPTIONS = {"model": "hf", "data": "alpaca", "quant": "nf4", "rank_schedule": "uniform", "optimizer": "adamw"}
@@ -191,7 +195,7 @@ def _text_overrides(command: str, overrides: list[str]) -> tuple[dict[str, str],
 
 def compose_config(
     command: str, overrides: list[str], config_dir: str | Path | None = None
-) -> TrainConfig | EvalConfig | ExportConfig | GenerateConfig:
+) -> TrainConfig | EvalConfig | ExportConfig | GenerateConfig | AllocateConfig:
     """The validated, typed config of `qdylora COMMAND OVERRIDES...` (nothing heavy is imported).
 
     For eval, export and generate, `+recipe=NAME` only names the run: its run_dir becomes the default.
@@ -216,9 +220,14 @@ def compose_config(
     if recipe:
         run_dir = to_typed("train", _compose_raw("train", [f"+recipes={recipe}"], config_dir)[0]).run_dir
         overrides = [f"run_dir={_quote(run_dir)}", *overrides]
-    cfg = to_typed(command, _compose_raw(command, overrides, config_dir)[0])
+    node = _compose_raw(command, overrides, config_dir)[0]
+    if command == "export":
+        allocation_stands_for_rank(node)
+    cfg = to_typed(command, node)
     if command == "export":
         return validate_export(cfg, load_run_config(cfg.run_dir).adapter.r_max)
+    if command == "allocate":
+        return validate_allocate(cfg, load_run_config(cfg.run_dir).adapter.r_max)
     run_cfg, merged_rank = load_eval_source(cfg.run_dir)
     if command == "generate":
         return validate_generate(dataclasses.replace(cfg, **texts), run_cfg.adapter.r_max, merged_rank)

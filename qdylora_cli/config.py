@@ -41,6 +41,7 @@ from qdylora_cli.errors import QdyloraError
 
 EVAL_TASKS = ("none", "gsm8k", "mcq")
 EXPORT_FORMATS = ("peft", "merged")
+SEARCH_DATA = ("validation", "train")  # qdylora allocate: what the search measures on
 BUILTIN_DATA = ("builtin:tiny-instructions",)
 
 
@@ -185,11 +186,12 @@ class EvalConfig:
 class ExportConfig:
     name: str = "default"
     run_dir: str = "runs/${name}"
-    rank: int = MISSING
+    rank: int | None = MISSING  # null only with `allocation`
     format: str = "peft"
     dtype: str | None = None  # null: the run's model.dtype
     out_dir: str | None = None  # null: RUN_DIR/export/rank-B-FORMAT
     overwrite: bool = False
+    allocation: str | None = None  # an allocation.json (a rank per module) instead of `rank`
 
 
 @dataclass
@@ -211,8 +213,26 @@ class GenerateConfig:
     overwrite: bool = False
 
 
+@dataclass
+class AllocateConfig:
+    name: str = "default"
+    run_dir: str = "runs/${name}"
+    budget: float | None = None  # share of the r_max adapter's parameters, in (0, 1]
+    budget_params: int | None = None  # or: at most this many adapter parameters
+    tolerance: float | None = None  # or: the fewest parameters within this relative margin of the best uniform rank
+    ranks: Any = "pow2"  # the ranks a module may take: pow2, or a rank spec (0 = no adapter on the module)
+    search_data: str = "validation"
+    search_examples: int = 64
+    rounds: int = 6
+    batch_size: int = 8
+    configs_per_pass: int = 8
+    out_dir: str | None = None  # null: RUN_DIR/allocate
+    overwrite: bool = False
+
+
 SCHEMAS: dict[str, type] = {
     "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig, "generate": GenerateConfig,
+    "allocate": AllocateConfig,
 }
 
 
@@ -504,10 +524,23 @@ def validate_generate(cfg: GenerateConfig, r_max: int, merged_rank: int | None =
     return cfg
 
 
+def allocation_stands_for_rank(node: DictConfig) -> None:
+    """Export: `allocation=PATH` gives a rank per module, so the required `rank` may stay unset."""
+    if node.get("allocation") is not None and OmegaConf.is_missing(node, "rank"):
+        node.rank = None
+
+
 def validate_export(cfg: ExportConfig, r_max: int) -> ExportConfig:
     _choice("format", cfg.format, EXPORT_FORMATS)
+    if cfg.allocation is not None:
+        if cfg.rank is not None:
+            _fail("rank", cfg.rank, f"no rank with allocation={cfg.allocation!r}: the allocation gives each module its rank")
+        if not Path(cfg.allocation).expanduser().is_file():
+            _fail("allocation", cfg.allocation, "an allocation.json file (qdylora allocate writes RUN_DIR/allocate/allocation.json)")
+    elif cfg.rank is None:
+        raise QdyloraError("rank is required: set it with rank=VALUE (or allocation=PATH for a rank per module)")
     low = 0 if cfg.format == "merged" else 1  # a merged rank 0 is the dequantized base alone
-    if not low <= cfg.rank <= r_max:
+    if cfg.rank is not None and not low <= cfg.rank <= r_max:
         _fail("rank", cfg.rank, f"a rank in {low}..{r_max} (the run's adapter.r_max)")
     if cfg.dtype is not None:
         _choice("dtype", cfg.dtype, DTYPES)
@@ -524,6 +557,38 @@ def parse_threads(key: str, value: str | int) -> int | None:
     return int(text)
 
 
+def validate_allocate(cfg: AllocateConfig, r_max: int) -> AllocateConfig:
+    """Exactly one budget, in range; the candidate ranks; sizes. A budget below the smallest allocation
+    needs the run's layer shapes and is checked by `qdylora allocate` before the model loads."""
+    given = [k for k in ("budget", "budget_params", "tolerance") if getattr(cfg, k) is not None]
+    if not given:
+        raise QdyloraError("budget is required: budget=0.25 (share of the r_max adapter's parameters), "
+                           "budget_params=N, or tolerance=0.01 (fewest parameters within 1% of the best uniform rank)")
+    if len(given) > 1:
+        raise QdyloraError(f"{' and '.join(given)}: set only one of budget, budget_params and tolerance")
+    if cfg.budget is not None and not 0 < cfg.budget <= 1:
+        _fail("budget", cfg.budget, "a share of the r_max adapter's parameters in (0, 1], e.g. 0.25")
+    if cfg.budget_params is not None:
+        _at_least("budget_params", cfg.budget_params, 1)
+    if cfg.tolerance is not None:
+        _at_least("tolerance", cfg.tolerance, 0)
+    candidate_ranks(cfg.ranks, r_max)
+    _choice("search_data", cfg.search_data, SEARCH_DATA)
+    for name in ("search_examples", "rounds", "batch_size", "configs_per_pass"):
+        _at_least(name, getattr(cfg, name), 1)
+    return cfg
+
+
+def candidate_ranks(spec: Any, r_max: int) -> list[int]:
+    """`qdylora allocate ranks=...`: `pow2` (1, 2, 4, ..., r_max) or a rank spec; 0 lets a module go without adapter."""
+    if spec == "pow2":
+        return sorted({*(1 << i for i in range(r_max.bit_length()) if 1 << i <= r_max), r_max})
+    ranks = parse_rank_spec(spec, r_max, key="ranks")
+    if not any(ranks):
+        _fail("ranks", spec, "at least one rank >= 1 (0 alone is the base model)")
+    return ranks
+
+
 # --- rank specs ----------------------------------------------------------------------------------------
 
 
@@ -534,6 +599,9 @@ def parse_rank_spec(spec: Any, r_max: int, key: str = "rank") -> list[int]:
     """Ranks named by `spec`, sorted and unique: `8`, `1..64`, `1..64:4` (1, 5, ..., 61), `[1,2,4,8]`, `all`.
 
     0 is the base model without adapters. Hydra hands over ints and lists as such, strings otherwise.
+    Errors name `key`.
+
+
     `key` names the setting in error messages.
     """
     usage = "a rank spec like 8, 1..64, 1..64:4, [1,2,4,8] or all"

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from rich.progress import track
 from rich.table import Table
 from transformers import LogitsProcessorList
 
-from qdylora_cli.adapters import set_rank
+from qdylora_cli.adapters import set_chunk_ranks, set_rank
 from qdylora_cli.chat import (
     ChatTemplate,
     TurnEnd,
@@ -79,10 +79,12 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @torch.no_grad()
-def _chunk_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], ranks: Sequence[int]) -> torch.Tensor:
-    """Summed token loss and token count for each rank in `ranks` on one batch: shape (len(ranks), 2)."""
+def _chunk_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], ranks: Sequence[int | Mapping[str, int]]
+) -> torch.Tensor:
+    """Summed token loss and token count for each rank (or rank per module) in `ranks` on one batch: (len(ranks), 2)."""
     k = len(ranks)
-    set_rank(model, ranks[0] if k == 1 else tuple(ranks))
+    set_chunk_ranks(model, ranks)
     input_ids = batch["input_ids"].repeat(k, 1)
     attention_mask = batch["attention_mask"].repeat(k, 1)
     # Position t predicts label t+1: shift the labels, not the logits, so the (large) logits are never copied.
@@ -100,6 +102,27 @@ def _groups(n: int, size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
+def choice_losses(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    choices: Sequence[int | Mapping[str, int]],
+    *,
+    ranks_per_pass: int = 8,
+    device: torch.device | str = "cpu",
+) -> list[float]:
+    """Mean token loss of each choice over `batches`: a rank for every adapter (0 = the base model
+    alone) or a rank per module (an allocation, see allocation.py). `ranks_per_pass` choices share a forward."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(len(choices), 2, dtype=torch.float64)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for idx in _groups(len(choices), ranks_per_pass):
+            totals[idx] += _chunk_losses(model, batch, [choices[i] for i in idx]).double().cpu()
+    model.train(was_training)
+    return [(totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i in range(len(choices))]
+
+
 def rank_losses(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -109,16 +132,8 @@ def rank_losses(
     device: torch.device | str = "cpu",
 ) -> dict[int, float]:
     """Mean token loss per rank over `batches` (rank 0 = the base model alone)."""
-    was_training = model.training
-    model.eval()
     ranks = list(ranks)
-    totals = torch.zeros(len(ranks), 2, dtype=torch.float64)
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        for idx in _groups(len(ranks), ranks_per_pass):
-            totals[idx] += _chunk_losses(model, batch, [ranks[i] for i in idx]).double().cpu()
-    model.train(was_training)
-    return {r: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, r in enumerate(ranks)}
+    return dict(zip(ranks, choice_losses(model, batches, ranks, ranks_per_pass=ranks_per_pass, device=device)))
 
 
 # --- task metrics --------------------------------------------------------------------------------------

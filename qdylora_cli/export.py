@@ -5,6 +5,10 @@ exactly a LoRA adapter with `r=b` and the `lora_alpha` (and `use_rslora`) that m
 s(b). So a PEFT export needs no model at all, only the saved factors. A merged export rebuilds the
 run, adds rank b's delta to the dequantized base weights and saves a plain Hugging Face model. A
 run trained on chat data also exports its tokenizer with the chat template it was trained with.
+
+`allocation=PATH` exports a rank per module instead (allocation.py): PEFT gets `rank_pattern` for the
+modules whose rank differs from `r`, `alpha_pattern` where `lora_alpha` depends on the rank, and no
+adapter at all on rank-0 modules.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from qdylora_cli.adapters import merge_adapters
+from qdylora_cli.allocation import allocation_params, read_allocation, run_module_shapes
 from qdylora_cli.chat import resolve_template
 from qdylora_cli.config import ExportConfig, TrainConfig, is_chat
 from qdylora_cli.errors import QdyloraError
@@ -43,8 +51,12 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def export_dir(cfg: ExportConfig) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / EXPORT / f"rank-{cfg.rank}-{cfg.format}"
+def export_dir(cfg: ExportConfig, params: int | None = None) -> Path:
+    """out_dir, else RUN_DIR/export/rank-B-FORMAT, or allocation-Nparams-FORMAT for an allocation of N parameters."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    name = f"rank-{cfg.rank}" if cfg.allocation is None else f"allocation-{params}params"
+    return Path(cfg.run_dir) / EXPORT / f"{name}-{cfg.format}"
 
 
 def peft_alpha(scale: str, alpha: float, r_max: int, b: int) -> tuple[float, bool]:
@@ -59,24 +71,54 @@ def peft_alpha(scale: str, alpha: float, r_max: int, b: int) -> tuple[float, boo
     return alpha * b / r_max, False  # constant: α/r_max = (α·b/r_max)/b
 
 
-def peft_adapter(weights: dict[str, torch.Tensor], meta: dict[str, Any], rank: int) -> tuple[dict, dict]:
-    """(PEFT state dict, adapter_config.json contents) of rank `rank` of a saved dynamic-rank adapter."""
+def peft_module_pattern(name: str) -> str:
+    """A `rank_pattern`/`alpha_pattern` key for exactly module `name`.
+
+    PEFT matches a key as the regex `(.*\\.)?(KEY)$` against module names, so the escaped full name
+    matches that module alone: `layers.1.` never matches `layers.11.`, nor `.` another character.
+    """
+    return re.escape(name)
+
+
+def peft_adapter(
+    weights: dict[str, torch.Tensor], meta: dict[str, Any], rank: int | Mapping[str, int]
+) -> tuple[dict, dict]:
+    """(PEFT state dict, adapter_config.json contents) of rank `rank` of a saved dynamic-rank adapter.
+
+    `rank` may be a rank per module (an allocation): `r` is then the most common rank, `rank_pattern`
+    names the modules at other ranks, `alpha_pattern` those whose `lora_alpha` differs (scale
+    `constant`), and modules at rank 0 get no adapter.
+    """
+    ranks = {name: rank[name] if isinstance(rank, Mapping) else rank for name in meta["target_modules"]}
+    adapted = [name for name in meta["target_modules"] if ranks[name] > 0]
+    scale = meta.get("scale", "alpha_over_rank")
     state = {}
-    for name in meta["target_modules"]:
-        key = f"base_model.model.{name}"
-        state[f"{key}.lora_A.weight"] = weights[f"{name}.lora_A"][:rank].contiguous()
-        state[f"{key}.lora_B.weight"] = weights[f"{name}.lora_B"][:, :rank].contiguous()
+    for name in adapted:
+        key, b = f"base_model.model.{name}", ranks[name]
+        state[f"{key}.lora_A.weight"] = weights[f"{name}.lora_A"][:b].contiguous()
+        state[f"{key}.lora_B.weight"] = weights[f"{name}.lora_B"][:, :b].contiguous()
         if meta["variant"] == "dora":
             state[f"{key}.lora_magnitude_vector"] = weights[f"{name}.magnitude"]
-    lora_alpha, rslora = peft_alpha(meta.get("scale", "alpha_over_rank"), meta["alpha"], meta["r_max"], rank)
+    # The most common rank (the larger on a tie) is `r`; the others go to the patterns.
+    r = max(Counter(ranks[name] for name in adapted).most_common(), key=lambda rc: (rc[1], rc[0]))[0]
+    lora_alpha, rslora = peft_alpha(scale, meta["alpha"], meta["r_max"], r)
+    rank_pattern, alpha_pattern = {}, {}
+    for name in adapted:
+        if ranks[name] != r:
+            rank_pattern[peft_module_pattern(name)] = ranks[name]
+            alpha = peft_alpha(scale, meta["alpha"], meta["r_max"], ranks[name])[0]
+            if alpha != lora_alpha:
+                alpha_pattern[peft_module_pattern(name)] = alpha
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": meta["base_model"],
-        "r": rank,
+        "r": r,
         "lora_alpha": lora_alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "lora_dropout": 0.0,
-        "target_modules": list(meta["target_modules"]),  # full module names: matches exactly these layers
+        "target_modules": adapted,  # full module names: matches exactly these layers
         "use_dora": meta["variant"] == "dora",
         "use_rslora": rslora,
         "bias": "none",
@@ -95,9 +137,9 @@ def _with_chat_template(run_cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase
     return tokenizer
 
 
-def _export_peft(cfg: ExportConfig, out: Path) -> None:
+def _export_peft(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) -> None:
     weights, meta = load_adapter(Path(cfg.run_dir) / ADAPTER)
-    state, config = peft_adapter(weights, meta, cfg.rank)
+    state, config = peft_adapter(weights, meta, rank)
     if meta["base_model"] == BASE_MODEL:  # built from a config: the run keeps the model it trained on
         config["base_model_name_or_path"] = str((Path(cfg.run_dir) / BASE_MODEL).resolve())
     run_cfg = load_run_config(cfg.run_dir)
@@ -110,16 +152,16 @@ def _export_peft(cfg: ExportConfig, out: Path) -> None:
             tokenizer.save_pretrained(tmp)
 
 
-def _export_merged(cfg: ExportConfig, out: Path) -> None:
+def _export_merged(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) -> None:
     model, tokenizer, meta = load_run_model(Path(cfg.run_dir), device=torch.device("cpu"))
     run_cfg = load_run_config(cfg.run_dir)
     if is_chat(run_cfg.data):
         tokenizer = _with_chat_template(run_cfg, tokenizer)
-    merge_adapters(model, cfg.rank)
+    merge_adapters(model, rank)
     dtype = torch_dtype(cfg.dtype or meta["dtype"])
     model.to(dtype)
     info = {
-        "rank": cfg.rank,
+        "rank": cfg.rank,  # null for an allocation
         "format": "merged",
         "dtype": cfg.dtype or meta["dtype"],
         "source_run": str(Path(cfg.run_dir).resolve()),
@@ -128,6 +170,8 @@ def _export_merged(cfg: ExportConfig, out: Path) -> None:
         # `qdylora eval` of this directory evaluates on the run's validation data with this config
         "run_config": OmegaConf.to_container(OmegaConf.structured(run_cfg), resolve=True),
     }
+    if cfg.allocation is not None:
+        info["allocation"] = dict(rank)
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -136,16 +180,23 @@ def _export_merged(cfg: ExportConfig, out: Path) -> None:
 
 def run(cfg: ExportConfig) -> Path:
     """Write the export; refuses to replace an existing one unless overwrite=true. Returns its directory."""
-    out = export_dir(cfg)
+    rank: int | dict[str, int] = cfg.rank
+    params = None
+    if cfg.allocation is not None:  # read and checked before anything is written
+        shapes, meta = run_module_shapes(cfg.run_dir)
+        rank = read_allocation(cfg.allocation, shapes, meta["r_max"])
+        params = allocation_params(shapes, rank)
+    out = export_dir(cfg, params)
     if out.exists() and not cfg.overwrite:
         raise QdyloraError(f"{out} already exists; pass overwrite=true to replace it")
     check_writable(out, "out_dir")
     note_if_training(Path(cfg.run_dir))
     if cfg.format == "peft":
-        _export_peft(cfg, out)
+        _export_peft(cfg, out, rank)
         hint = f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})"
     else:
-        _export_merged(cfg, out)
+        _export_merged(cfg, out, rank)
         hint = f"AutoModelForCausalLM.from_pretrained({str(out)!r})"
-    print(f"exported rank {cfg.rank} ({cfg.format}) to {out}\nload it with {hint}")
+    what = f"rank {cfg.rank}" if cfg.allocation is None else f"the allocation in {cfg.allocation} ({params:,} adapter parameters)"
+    print(f"exported {what} ({cfg.format}) to {out}\nload it with {hint}")
     return out

@@ -7,6 +7,7 @@
     base_model/     models built from a config: their weights, so the run rebuilds without the recipe
     logs/           the trackers of train.report_to
     eval/, export/  what `qdylora eval` and `qdylora export` write
+    allocate/       what `qdylora allocate` writes: allocation.json (a rank per layer) and its report
 
 Every directory is written under a temporary name and renamed into place, so a crash mid-write
 never leaves a half-written directory where a good one was; each carries a manifest of SHA-256
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CONFIG, METRICS, CHECKPOINTS, ADAPTER, BASE_MODEL, LOGS, EVAL, EXPORT = (
     "config.yaml", "metrics.jsonl", "checkpoints", "adapter", "base_model", "logs", "eval", "export")
+ALLOCATE = "allocate"
 LOCK_INFO = "lock.json"
 MANIFEST = "manifest.json"  # in every directory written atomically: the SHA-256 of each file
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"  # in adapter/ and each checkpoint
@@ -394,5 +396,8 @@ def load_eval_source(path: str | Path) -> tuple[TrainConfig, int | None]:
         return load_run_config(path), None
     if "run_config" not in info or "rank" not in info:
         raise QdyloraError(f"{Path(path) / EXPORT_INFO}: missing run_config or rank; re-export the model")
+    if info["rank"] is None:
+        raise QdyloraError(f"{path} is a merged export of an allocation (a rank per layer), not of one rank: its loss "
+                           "is in the allocation's summary.json (qdylora allocate)")
     cfg = validate_train(to_typed("train", upgrade_saved_config(OmegaConf.create(info["run_config"]))), check_paths=False)
     return cfg, int(info["rank"])

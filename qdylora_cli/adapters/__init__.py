@@ -11,7 +11,14 @@ from qdylora_cli.adapters.inject import (
 )
 from qdylora_cli.adapters.lora import DynamicRankLoRA, base_weight, check_rank, rank_scale, trained_slices
 from qdylora_cli.adapters.optim import RankAwareAdamW, adapter_parameters, upgrade_per_slice_state
-from qdylora_cli.adapters.rank import RANK_WEIGHTS, RankSampler, assign_ranks, build_rank_sampler, set_rank
+from qdylora_cli.adapters.rank import (
+    RANK_WEIGHTS,
+    RankSampler,
+    assign_ranks,
+    build_rank_sampler,
+    set_chunk_ranks,
+    set_rank,
+)
 
 __all__ = [
     "RANK_WEIGHTS",
@@ -31,6 +38,7 @@ __all__ = [
     "load_adapter_state_dict",
     "merge_adapters",
     "rank_scale",
+    "set_chunk_ranks",
     "set_rank",
     "trained_slices",
     "upgrade_per_slice_state",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from fnmatch import fnmatchcase
 
 import torch
@@ -127,12 +127,22 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
         adapter.load_adapter_state({k: state[f"{name}.{k}"] for k in adapter.adapter_shapes()})
 
 
-def merge_adapters(model: nn.Module, rank: int) -> None:
-    """Replace every adapter by a plain float `nn.Linear` equal to it at `rank` (0 = the base alone)."""
+def merge_adapters(model: nn.Module, rank: int | Mapping[str, int]) -> None:
+    """Replace every adapter by a plain float `nn.Linear` equal to it at `rank` (0 = the base alone).
+
+    `rank` is one rank for every adapter, or a mapping of module name -> rank (an allocation) that
+    names every adapter. Everything is checked before the first layer is replaced.
+    """
     adapters = list(iter_adapters(model))
-    for _, adapter in adapters:
-        if isinstance(check_rank(rank, adapter.r_max), tuple):
-            raise QdyloraError(f"merge needs one rank, got {rank}")
+    if isinstance(rank, Mapping):
+        names = {name for name, _ in adapters}
+        if set(rank) != names:
+            odd = sorted(set(rank) ^ names)
+            raise QdyloraError(f"merge: the ranks per module must name exactly the adapted modules; {odd[0]} differs")
+    ranks = {name: rank[name] if isinstance(rank, Mapping) else rank for name, _ in adapters}
+    for name, adapter in adapters:
+        if isinstance(check_rank(ranks[name], adapter.r_max), tuple):
+            raise QdyloraError(f"merge needs one rank per module, got {ranks[name]} for {name}")
     for name, adapter in adapters:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, adapter.merged_linear(rank))
+        setattr(model.get_submodule(parent_name), attr, adapter.merged_linear(ranks[name]))

@@ -9,7 +9,7 @@ schedule is one weight function plus one line in `RANK_WEIGHTS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,16 +19,51 @@ from qdylora_cli.adapters.lora import DynamicRankLoRA, Rank, check_rank
 from qdylora_cli.errors import QdyloraError
 
 
-def set_rank(model: nn.Module, rank: Rank) -> None:
-    """Set the active rank of every adapter in `model` (0 = off, b, or a tuple: one rank per batch chunk).
+def _check_modules(names: Sequence[str], ranks: Mapping[str, Any]) -> None:
+    missing, unknown = sorted(set(names) - set(ranks)), sorted(set(ranks) - set(names))
+    if missing or unknown:
+        raise QdyloraError(
+            f"a rank per module must name every adapted module and no other: {len(missing)} missing "
+            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(unknown)} unknown (e.g. {', '.join(unknown[:3]) or '-'})"
+        )
 
-    Checked against every adapter before any is changed, so a bad rank leaves the model as it was.
+
+def set_rank(model: nn.Module, rank: Rank | Mapping[str, Rank]) -> None:
+    """Set the active rank of the adapters in `model` (0 = off, b, or a tuple: one rank per batch chunk).
+
+    One rank sets every adapter; a mapping of module name -> rank gives each adapter its own (an
+    allocation) and must name every adapter of the model. Checked against every adapter before any
+    is changed, so a bad rank leaves the model as it was.
     """
-    adapters = [m for m in model.modules() if isinstance(m, DynamicRankLoRA)]
-    for adapter in adapters:
-        check_rank(rank, adapter.r_max)
-    for adapter in adapters:
-        adapter.rank = rank
+    adapters = {name: m for name, m in model.named_modules() if isinstance(m, DynamicRankLoRA)}
+    if isinstance(rank, Mapping):
+        _check_modules(list(adapters), rank)
+    ranks = {name: rank[name] if isinstance(rank, Mapping) else rank for name in adapters}
+    checked = {name: check_rank(ranks[name], adapter.r_max) for name, adapter in adapters.items()}
+    for name, adapter in adapters.items():
+        adapter.rank = checked[name]
+
+
+def set_chunk_ranks(model: nn.Module, choices: Sequence[int | Mapping[str, int]]) -> None:
+    """Chunk i of the next batch runs at `choices[i]`: one rank for every adapter, or a rank per module.
+
+    This is how several ranks, or several allocations, share one forward pass: each adapter gets the
+    tuple of its ranks across the choices (an int when they agree, which skips the per-chunk scaling).
+    """
+    if not choices:
+        raise QdyloraError("no ranks to evaluate")
+    if not any(isinstance(c, Mapping) for c in choices):
+        set_rank(model, choices[0] if len(choices) == 1 else tuple(choices))
+        return
+    names = [name for name, m in model.named_modules() if isinstance(m, DynamicRankLoRA)]
+    for c in choices:
+        if isinstance(c, Mapping):
+            _check_modules(names, c)
+    per_module: dict[str, Rank] = {}
+    for name in names:
+        ranks = tuple(c[name] if isinstance(c, Mapping) else c for c in choices)
+        per_module[name] = ranks[0] if len(set(ranks)) == 1 else ranks
+    set_rank(model, per_module)
 
 
 def _uniform(b: int, min_rank: int, r_max: int) -> float:
