@@ -2,7 +2,7 @@
 
     config.yaml     the resolved config of the run (absolute paths)
     metrics.jsonl   one JSON record per logged step
-    checkpoints/    step-N/: adapter, optimizer and loop state (checkpoint.py)
+    checkpoints/    step-N/: adapter, optimizer and loop state
     adapter/        the finished adapter: every rank 1..r_max
     base_model/     models built from a config: their weights, so the run rebuilds without the recipe
     logs/           the trackers of train.report_to
@@ -166,7 +166,7 @@ def check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
 
 def clear_old_run(run_dir: Path) -> None:
     """overwrite=true: drop the previous run's files, once the new run's inputs have all loaded."""
-    for name in (CHECKPOINTS, ADAPTER, BASE_MODEL, LOGS, EVAL, EXPORT):
+    for name in (CHECKPOINTS, ADAPTER, BASE_MODEL, LOGS, EVAL, EXPORT, ALLOCATE):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for name in (METRICS, CONFIG):
         (run_dir / name).unlink(missing_ok=True)

@@ -297,13 +297,25 @@ def task_report(args: argparse.Namespace, results: list[dict], task: str) -> lis
     return out
 
 
-def report(args: argparse.Namespace, results: list[dict], total_s: float, command: str) -> str:
-    """The generated part of results.md (between the markers)."""
+def shown_args(argv: list[str]) -> list[str]:
+    """The command line as the report shows it: without --from-json and the work dir (where runs are cached)."""
+    shown, skip = [], False
+    for a in argv:
+        if not skip and a != "--from-json" and not a.startswith("--work-dir"):
+            shown.append(a)
+        skip = a == "--work-dir"
+    return shown
+
+
+def report(args: argparse.Namespace, results: list[dict], command: str) -> str:
+    """The generated part of results.md (between the markers). Run times are summed from the runs, so a
+    report of runs cached over several invocations still counts them all."""
+    run_min = sum(r["wall_s"] for r in results) / 60
     loads = [r["load_avg"] for r in results]
     tasks = [t for t in TASKS if any(r["task"] == t for r in results)]
     out = [BEGIN, "",
-           f"Reproduce: `{command}` — {len(results)} runs in {total_s / 60:.1f} min of wall time on {os.cpu_count()} "
-           f"cores, {args.workers} single-threaded workers; the 1-minute load average at the end of the runs was "
+           f"Reproduce: `{command}` — {len(results)} runs, {run_min:.0f} min of run time in all ({run_min / args.workers:.0f} "
+           f"min of wall time on {os.cpu_count()} cores, {args.workers} single-threaded workers); the 1-minute load average at the end of the runs was "
            f"{min(loads):.1f}–{max(loads):.1f} ({args.workers} = the workers alone).", ""]
     for task in tasks:
         out += task_report(args, results, task)
@@ -412,8 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         saved.write_text(json.dumps({"argv": argv, "total_s": total_s, "results": results}, indent=1))
     if not all(math.isfinite(v) for r in results for v in r["loss"].values()):
         raise SystemExit(f"a non-finite validation loss; see {saved}")
-    command = " ".join(["python scripts/compare_ranks.py", *[a for a in argv if a != "--from-json"]])
-    write_markdown(args.out_md, report(args, results, total_s, command))
+    command = " ".join(["python scripts/compare_ranks.py", *shown_args(argv)])
+    write_markdown(args.out_md, report(args, results, command))
     plot(results, args.out_png)
     print(f"{len(results)} runs in {total_s:.0f}s; wrote {args.out_md} and {args.out_png}")
 
