@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                       # Llama-7B shape on CUDA, seq 512 and 2048
     python scripts/bench_train.py --tiny                # small shapes on CPU: a smoke test
+    python scripts/bench_train.py --dora                # DoRA on both sides
     python scripts/bench_train.py --seqs 512 --steps 20 --no-gradient-checkpointing
 
 The model has Llama-2-7B's shape with random weights, generated and quantized to NF4 one tensor
@@ -107,17 +108,18 @@ def nf4_base(config: PretrainedConfig, device: torch.device, dtype: torch.dtype,
 
 
 def qdylora_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, r_max: int,
-                  mode: str | None = None) -> PreTrainedModel:
-    """The NF4 base with qdylora's adapters in the default training setting (or `mode`)."""
+                  mode: str | None = None, dora: bool = False) -> PreTrainedModel:
+    """The NF4 base with qdylora's adapters in the default training setting (or `mode`; DoRA with `dora`)."""
     defaults = AdapterConfig()
     model = nf4_base(config, device, dtype)
     inject_adapters(model, r_max=r_max, alpha=ALPHA, dropout=DROPOUT, mode=mode or defaults.mode,
-                    scale=defaults.scale)
+                    variant="dora" if dora else "lora", scale=defaults.scale)
     return model
 
 
-def peft_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, r: int) -> nn.Module:
-    """The same NF4 base as bitsandbytes Linear4bit layers, with PEFT's LoRA at rank r."""
+def peft_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, r: int,
+               dora: bool = False) -> nn.Module:
+    """The same NF4 base as bitsandbytes Linear4bit layers, with PEFT's LoRA (or DoRA) at rank r."""
     import peft
 
     bnb = import_bitsandbytes()
@@ -134,7 +136,7 @@ def peft_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtyp
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, swapped)
     lora = peft.LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear",
-                           task_type="CAUSAL_LM")
+                           use_dora=dora, task_type="CAUSAL_LM")
     return peft.get_peft_model(model, lora)
 
 
@@ -211,10 +213,10 @@ def measure(system: str, args: argparse.Namespace, config: PretrainedConfig, seq
     memory.start()
     optimizer, ranks_of_step = None, None
     if system == "qdylora":
-        model = qdylora_model(config, device, dtype, args.r_max)
+        model = qdylora_model(config, device, dtype, args.r_max, dora=args.dora)
         optimizer, ranks_of_step = qdylora_schedule(model, args.r_max, args.grad_accum, args.batch)
     else:
-        model = peft_model(config, device, dtype, args.r_max)
+        model = peft_model(config, device, dtype, args.r_max, dora=args.dora)
     tokens_per_s = train_steps(model, device=device, dtype=dtype, seq=seq, batch=args.batch, steps=args.steps,
                                warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
                                grad_accum=args.grad_accum, optimizer=optimizer, ranks_of_step=ranks_of_step)
@@ -234,6 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 10; tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
     parser.add_argument("--systems", default="qdylora,peft", help="which of qdylora,peft to run")
+    parser.add_argument("--dora", action="store_true", help="DoRA on both sides (PEFT's use_dora)")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     args = parser.parse_args(argv)
     tiny = args.tiny
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {'tiny Llama' if args.tiny else 'Llama-7B shape'}, r_max {args.r_max}, batch {args.batch} x "
           f"{args.grad_accum} micro-batches, {args.dtype}, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}, {args.steps} timed steps after {args.warmup}")
-    print(f"# qdylora: mode {adapter.mode}, scale {adapter.scale}, {schedule.kind} ranks, "
+    print(f"# {'DoRA' if args.dora else 'LoRA'}; qdylora: mode {adapter.mode}, scale {adapter.scale}, {schedule.kind} ranks, "
           f"{schedule.ranks_per_step} per step, rank-aware AdamW; peft: r {args.r_max}, torch AdamW")
     print(f"# {environment(args.device)}")
     print(f"| seq | system | tokens/s | {unit} |")

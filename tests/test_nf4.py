@@ -15,7 +15,7 @@ from qdylora_cli.quant import NF4_CODE, NF4Linear, NF4State, dequantize_nf4, imp
 from qdylora_cli.quant.nf4 import dynamic_map
 
 bnb = import_bitsandbytes()
-pytestmark = pytest.mark.skipif(bnb is None, reason="bitsandbytes is not installed")
+needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes is not installed")  # only the comparisons
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # 172×64: bnb's CPU matmul fails on width 172; 64×96: its CPU dequantize kernel is wrong there.
@@ -78,6 +78,7 @@ def assert_matches_bnb(w: torch.Tensor, double_quant: bool, blocksize: int = 64)
 # --- code books -------------------------------------------------------------------------------
 
 
+@needs_bnb
 def test_code_books_match_bitsandbytes():
     assert_bits_equal(NF4_CODE, bnb.functional.get_4bit_type("nf4", device="cpu"))
     assert_bits_equal(dynamic_map(), bnb.functional.create_dynamic_map())
@@ -86,6 +87,7 @@ def test_code_books_match_bitsandbytes():
 # --- quantize / dequantize bit-exactness ------------------------------------------------------------
 
 
+@needs_bnb
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -94,6 +96,7 @@ def test_bit_exact_random(shape, dtype, double_quant):
     assert_matches_bnb((torch.randn(shape) * 0.02).to(dtype), double_quant)
 
 
+@needs_bnb
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bit_exact_special_blocks(dtype, double_quant):
@@ -116,6 +119,7 @@ def test_bit_exact_special_blocks(dtype, double_quant):
     assert_matches_bnb(w.to(dtype), double_quant)
 
 
+@needs_bnb
 def test_bit_exact_when_all_blocks_share_one_absmax():
     """absmax - mean(absmax) is all zero: every nested 256-group is zero (bnb writes code 0)."""
     w = torch.randn(600, 64).clamp(-0.9, 0.9)
@@ -124,6 +128,7 @@ def test_bit_exact_when_all_blocks_share_one_absmax():
     assert state.nested_absmax.eq(0).all()
 
 
+@needs_bnb
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 1024, 2048, 4096])
 def test_bit_exact_other_blocksizes(blocksize):
     torch.manual_seed(blocksize)
@@ -195,6 +200,7 @@ def bnb_linear_from_state_dict(sd: dict, in_features: int, out_features: int, co
     return layer
 
 
+@needs_bnb
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_forward_matches_dequantized_matmul_and_bitsandbytes(compute_dtype, bias):
@@ -315,6 +321,7 @@ def test_buffers_move_and_statistics_stay_float32():
 # --- state dicts -----------------------------------------------------------------------------------
 
 
+@needs_bnb
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_state_dict_is_bitsandbytes_layout(double_quant, bias):
@@ -328,6 +335,7 @@ def test_state_dict_is_bitsandbytes_layout(double_quant, bias):
     assert info["dtype"] == "bfloat16" and info["shape"] == [64, 128]
 
 
+@needs_bnb
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_bitsandbytes_checkpoint_loads_into_nf4linear(double_quant, bias):
@@ -343,6 +351,7 @@ def test_bitsandbytes_checkpoint_loads_into_nf4linear(double_quant, bias):
     assert_bits_equal(ours(x), theirs(x))
 
 
+@needs_bnb
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4linear_checkpoint_loads_into_bitsandbytes(double_quant, bias):
@@ -396,7 +405,7 @@ def test_import_bitsandbytes_is_quiet_and_optional(monkeypatch, tmp_path, caplog
         "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('No module named kernels')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
     with caplog.at_level(logging.DEBUG):
         module = import_bitsandbytes.__wrapped__()
     assert module.__file__.startswith(str(tmp_path))
