@@ -53,6 +53,7 @@ ALLOCATE = "allocate"
 LOCK_INFO = "lock.json"
 MANIFEST = "manifest.json"  # in every directory written atomically: the SHA-256 of each file
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"  # in adapter/ and each checkpoint
+TRAINER_STATE = "trainer_state.json"  # in each checkpoint: step, data position, CPU threads, readable without torch
 EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run it came from
 # Keys a resumed run may change: the rest defines what is trained, and changing it would mix two runs.
 RESUMABLE = ("train.", "launcher.", "run_dir", "name", "overwrite")

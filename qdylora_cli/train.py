@@ -69,6 +69,7 @@ from qdylora_cli.rundir import (
     BASE_MODEL,
     CONFIG,
     LOGS,
+    TRAINER_STATE,
     RunLock,
     clear_old_run,
     latest_good_checkpoint,
@@ -340,8 +341,9 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
         enable_gradient_checkpointing(model)
     if accelerator.device.type == "cpu":
         row = cfg.data.max_length if cfg.data.packing else sum(batches.lengths) / len(batches.lengths)
+        first = json.loads((resume_from / TRAINER_STATE).read_text()).get("cpu_threads") if resume_from else None
         set_cpu_threads("train.cpu_threads", t.cpu_threads, hidden_size=model.config.hidden_size,
-                        tokens=round(row * t.batch_size))
+                        tokens=round(row * t.batch_size), resumed=first)
     _describe(cfg, accelerator, model, meta)
 
     adamw = build_optimizer(cfg.optimizer, model)
@@ -481,7 +483,8 @@ def save_training_checkpoint(s: Session) -> Path:
         save_file(adapters, str(tmp / ADAPTER_WEIGHTS))
         torch.save(optimizer_state_dict, tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": s.step, **s.batches.state_dict()}))
+        threads = {"cpu_threads": torch.get_num_threads()} if acc.device.type == "cpu" else {}
+        (tmp / TRAINER_STATE).write_text(json.dumps({"step": s.step, **s.batches.state_dict(), **threads}))
 
     acc.wait_for_everyone()
     path = save_checkpoint(s.run_dir, s.step, write, s.cfg.train.keep_last) if acc.is_main_process else s.run_dir

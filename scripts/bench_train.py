@@ -255,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def environment(device: str) -> str:
-    import bitsandbytes
+    bitsandbytes = import_bitsandbytes()  # first and quietly: PEFT's plain import logs a line about `kernels`
     import peft
     import transformers
 

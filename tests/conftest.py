@@ -7,7 +7,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The tests' models are tiny: one thread is several times faster than all cores (docs/performance.md),
+# Tests often start a `qdylora` beside themselves: threads of two processes on the same cores wait for
+# each other at every op (3x slower, docs/performance.md). One thread each,
 # here and in every `qdylora` the tests start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
