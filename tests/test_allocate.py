@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from runners import qdylora
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from qdylora_cli import cli, train
+from qdylora_cli import train
 from qdylora_cli.adapters import (
     adapter_state_dict,
     inject_adapters,
@@ -246,14 +247,6 @@ def tiny_run(tmp_path_factory):
     train.run(compose_config("train", ["+recipe=tiny", f"run_dir={run_dir}", "train.save_every=0", "train.eval_every=0",
                                        "train.batch_size=8", "train.max_steps=30"]))
     return run_dir
-
-
-def qdylora(*args):
-    try:
-        cli.main(list(args))
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 FAST = ("search_examples=8", "rounds=2", "configs_per_pass=12")

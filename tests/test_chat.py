@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from runners import qdylora
 from transformers import AutoTokenizer
 
-from qdylora_cli import cli
 from qdylora_cli.chat import (
     CHATML_TEMPLATE,
     find_turn_end,
@@ -228,14 +228,6 @@ def _chat_records(n: int, seed: int) -> list[dict]:
                          {"role": "assistant", "content": t["output"]}]
         records.append({"messages": messages})
     return records
-
-
-def qdylora(*args):
-    try:
-        cli.main(list(args))
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 @pytest.fixture(scope="module")

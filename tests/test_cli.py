@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import sys
@@ -13,20 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from runners import qdylora_process as qdylora
 
 from qdylora_cli import cli
 from qdylora_cli.config import SCHEMAS, EvalConfig, TrainConfig
 from qdylora_cli.rundir import save_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def qdylora(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    """The command as users run it, from this checkout (whatever `pip install -e` points at)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "qdylora_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120, env=env)
 
 
 def test_help_lists_commands_groups_and_recipes():

@@ -4,23 +4,14 @@ line, self-contained run directories and the settings chosen for a CPU."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from runners import qdylora_process as qdylora
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["+recipe=tiny", "train.batch_size=8", "train.save_every=0", "train.eval_batches=1"]
-
-
-def qdylora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The real command in a new process, stdout and stderr captured apart (so neither is a terminal)."""
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "qdylora_cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
 
 
 def metrics(run_dir: Path) -> list[dict]:

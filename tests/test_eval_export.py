@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from runners import qdylora
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from qdylora_cli import cli, train
+from qdylora_cli import train
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict, set_rank
 from qdylora_cli.cli import compose_config
 from qdylora_cli.config import DataConfig, EvalConfig
@@ -43,15 +44,6 @@ def lora_run(tmp_path_factory):
 def dora_run(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("eval") / "dora", "train.max_steps=15", "adapter.variant=dora",
                   "adapter.mode=full")
-
-
-def qdylora(*args):
-    """Run the CLI in-process; returns the exit code (0 when it returns normally)."""
-    try:
-        cli.main(list(args))
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def _rows(out_dir):

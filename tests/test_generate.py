@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from runners import qdylora
 
-from qdylora_cli import cli, train
+from qdylora_cli import train
 from qdylora_cli.adapters import set_rank
 from qdylora_cli.cli import compose_config
 from qdylora_cli.config import DataConfig
@@ -32,15 +33,6 @@ def prompts_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     path.write_text("".join(json.dumps({"instruction": i, "input": x}) + "\n" for i, x in PROMPTS))
     return path
-
-
-def qdylora(*args: str) -> int:
-    """Run the CLI in-process; returns the exit code (0 when it returns normally)."""
-    try:
-        cli.main(list(args))
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def generated(run_dir: Path, out_file: Path, *args: str) -> dict[int, list[str]]:
