@@ -1,7 +1,7 @@
-"""`qdylora train|eval|export|generate [KEY=VALUE ...] [+recipe=NAME]`: compose the config, validate it, dispatch.
+"""`qdylora train|eval|export|generate|allocate [KEY=VALUE ...] [+recipe=NAME]`: compose the config, validate it, dispatch.
 
 Hydra has no subcommands, so each command is a primary config (`conf/train.yaml`, `eval.yaml`,
-`export.yaml`, `generate.yaml`) composed with Hydra's compose API. Recipes are the `recipes/` folder: its parent is
+`export.yaml`, `generate.yaml`, `allocate.yaml`) composed with Hydra's compose API. Recipes are the `recipes/` folder: its parent is
 on Hydra's search path, and `+recipe=NAME` is passed on as `+recipes=NAME`. Everything is checked
 against the typed schema in config.py before the command's (torch-heavy) module is imported.
 """
@@ -312,7 +312,7 @@ def help_epilog(command: str | None, config_dir: str | Path | None = None) -> st
         ]
     lines += key_reference(command or "train")
     if command is None:
-        lines += ["", "keys of eval, export and generate: qdylora COMMAND --help"]
+        lines += ["", "keys of eval, export, generate and allocate: qdylora COMMAND --help"]
     lines += [
         "",
         "Every key can be set as KEY=VALUE; `qdylora COMMAND ... --cfg` prints the result.",
