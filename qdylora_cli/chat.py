@@ -20,7 +20,7 @@ rewrites earlier turns) is refused with the record that showed it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +112,16 @@ def parse_messages(where: str, record: Any, cfg: DataConfig) -> list[dict[str, s
 
     `data.system_prompt` becomes the first message of a record that has no system message.
     """
-    field, role_key, content_key = cfg.messages_field or "messages", cfg.role_field, cfg.content_field
+    messages_key, role_key, content_key = cfg.messages_field or "messages", cfg.role_field, cfg.content_field
     if not isinstance(record, dict):
-        raise QdyloraError(f"{where}: expected a JSON object with {field!r}, got {type(record).__name__}")
-    raw = record.get(field)
+        raise QdyloraError(f"{where}: expected a JSON object with {messages_key!r}, got {type(record).__name__}")
+    raw = record.get(messages_key)
     if raw is None:
-        raise QdyloraError(f"{where}: missing field {field!r} (set data.messages_field if it has another name)")
+        raise QdyloraError(f"{where}: missing field {messages_key!r} (set data.messages_field if it has another name)")
     if not isinstance(raw, list):
-        raise QdyloraError(f"{where}: field {field!r} must be a list of messages, got {type(raw).__name__}")
+        raise QdyloraError(f"{where}: field {messages_key!r} must be a list of messages, got {type(raw).__name__}")
     if not raw:
-        raise QdyloraError(f"{where}: no messages (field {field!r} is an empty list)")
+        raise QdyloraError(f"{where}: no messages (field {messages_key!r} is an empty list)")
     messages = []
     for n, message in enumerate(raw, start=1):
         if not isinstance(message, dict):
@@ -198,6 +198,7 @@ class ChatStats:
     records: int = 0
     cut: int = 0
     dropped: int = 0
+    kept: list[int] = field(default_factory=list)  # the record each example came from
 
 
 def tokenize_conversations(
@@ -220,7 +221,7 @@ def tokenize_conversations(
     # The template writes the special tokens (BOS, ...) itself, as `apply_chat_template(tokenize=True)` does.
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     examples, stats = [], ChatStats(records=len(texts))
-    for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], all_spans):
+    for record, (ids, offsets, spans) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"], all_spans)):
         assistant = token_mask(offsets, spans)
         cut = len(ids) > cfg.max_length
         if cut:
@@ -229,6 +230,7 @@ def tokenize_conversations(
             stats.dropped += 1
             continue
         stats.cut += cut
+        stats.kept.append(record)
         labels = list(ids) if cfg.train_on_source else [t if a else -100 for t, a in zip(ids, assistant)]
         examples.append({"input_ids": list(ids), "labels": labels})
     return examples, stats

@@ -40,7 +40,7 @@ from qdylora_cli.config import (
     validate_generate,
     validate_train,
 )
-from qdylora_cli.errors import Interrupted, QdyloraError, is_out_of_memory
+from qdylora_cli.errors import Interrupted, QdyloraError, first_line, is_out_of_memory
 from qdylora_cli.helptext import conf_comments, key_rows, key_table
 from qdylora_cli.logs import quiet_libraries, setup_logging
 from qdylora_cli.rundir import CONFIG, load_eval_source, load_run_config
@@ -115,7 +115,7 @@ def _check_overrides(overrides: list[str]) -> None:
         try:
             parser.parse_overrides([override])
         except OverrideParseException as e:
-            reason = str(e).splitlines()[0]
+            reason = first_line(e)
             raise QdyloraError(f"malformed override {override!r}: {reason}; expected KEY=VALUE (lists as [a,b])") from None
 
 
@@ -157,7 +157,7 @@ def _missing_option_message(e: Any) -> str:
     if m and e.options:
         group, option = m.group(1), m.group(2)
         return f"{group}={option}: no such option; {group} has: {', '.join(sorted(e.options))}"
-    return str(e).splitlines()[0]
+    return first_line(e)
 
 
 def _composition_message(command: str, e: Exception, overrides: list[str]) -> str:
@@ -167,7 +167,7 @@ def _composition_message(command: str, e: Exception, overrides: list[str]) -> st
         if command == "eval" and full_key.split(".")[0] == "data" and data:
             return f"{data[0]}: eval has no data section until you pick one, e.g. data=json {data[0]}"
         return unknown_key_message(SCHEMAS[command], full_key)
-    return str(e).splitlines()[0]
+    return first_line(e)
 
 
 def _recipe(overrides: list[str], config_dir: str | Path | None) -> tuple[str | None, list[str]]:
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
-        print(f"error: out of memory in `qdylora {' '.join((argv or sys.argv[1:])[:1])}` ({str(e).splitlines()[0][:120]}); "
+        print(f"error: out of memory in `qdylora {' '.join((argv or sys.argv[1:])[:1])}` ({first_line(e)[:120]}); "
               "use smaller batches or a shorter sequence length", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint itself): nothing to keep

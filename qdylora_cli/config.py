@@ -37,7 +37,7 @@ from qdylora_cli.choices import (
     TEMPLATES,
     TRACKERS,
 )
-from qdylora_cli.errors import QdyloraError
+from qdylora_cli.errors import QdyloraError, first_line
 
 EVAL_TASKS = ("none", "gsm8k", "mcq")
 EXPORT_FORMATS = ("peft", "merged")
@@ -268,10 +268,10 @@ def to_typed(command: str, node: DictConfig | dict) -> Any:
     except ConfigKeyError as e:
         raise QdyloraError(unknown_key_message(schema, e.full_key)) from None
     except InterpolationResolutionError as e:
-        raise QdyloraError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+        raise QdyloraError(f"{e.full_key}: {first_line(e)}") from None
     except (ValidationError, ConfigTypeError) as e:
         key = e.full_key or _locate(schema, OmegaConf.create(node))
-        raise QdyloraError(f"{key}: {_type_problem(str(e).splitlines()[0])}") from None
+        raise QdyloraError(f"{key}: {_type_problem(first_line(e))}") from None
 
 
 def _locate(schema: type, node: DictConfig) -> str:

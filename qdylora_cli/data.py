@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qdylora_cli.chat import ChatTemplate, parse_messages, resolve_template, tokenize_conversations
 from qdylora_cli.config import DataConfig, is_chat
-from qdylora_cli.errors import QdyloraError
+from qdylora_cli.errors import QdyloraError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def read_hf_rows(path: str, split: str) -> list[dict[str, Any]]:
     except QdyloraError:
         raise
     except Exception as e:  # datasets raises many types; all mean "could not read this"
-        raise QdyloraError(f"data.path={path!r}: cannot load a Hugging Face dataset ({str(e).splitlines()[0]})") from None
+        raise QdyloraError(f"data.path={path!r}: cannot load a Hugging Face dataset ({first_line(e)})") from None
     return list(ds)
 
 
@@ -177,7 +177,7 @@ def _records(cfg: DataConfig, path: str) -> list[tuple[str, Any]]:
     return records
 
 
-def _instruction_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> list[dict]:
+def _instruction_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> list[dict | None]:
     records = _records(cfg, path)
     sources, targets = [], []
     for where, r in records:
@@ -190,13 +190,17 @@ def _instruction_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, p
 
 def _chat_examples(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str, template: ChatTemplate
-) -> list[dict]:
+) -> list[dict | None]:
+    """One example per record, None for a conversation truncation left nothing to learn from."""
     conversations = [(where, parse_messages(where, r, cfg)) for where, r in _records(cfg, path)]
     examples, stats = tokenize_conversations(tokenizer, template, conversations, cfg)
     if stats.cut or stats.dropped:
         log.info("%s: of %d conversations, %d were cut to data.max_length=%d tokens and %d dropped "
                  "(no assistant token left to learn)", path, stats.records, stats.cut, cfg.max_length, stats.dropped)
-    return examples
+    by_record: list[dict | None] = [None] * stats.records
+    for record, example in zip(stats.kept, examples, strict=True):
+        by_record[record] = example
+    return by_record
 
 
 def _corpus_ids(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> list[int]:
@@ -218,13 +222,13 @@ def chunk_blocks(ids: list[int], block_size: int) -> list[dict[str, list[int]]]:
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
-def _is_corpus(cfg: DataConfig) -> bool:
+def is_corpus(cfg: DataConfig) -> bool:
     return cfg.format == "text" or (cfg.format == "hf" and cfg.text_field is not None)
 
 
 def max_sequence_length(cfg: DataConfig) -> tuple[int, str]:
     """The longest sequence these settings can make, and the keys that set it."""
-    if _is_corpus(cfg):
+    if is_corpus(cfg):
         return cfg.block_size, "data.block_size"
     if cfg.packing or is_chat(cfg):
         return cfg.max_length, "data.max_length"
@@ -245,7 +249,7 @@ def load_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
 
     Text corpora hold out their tail (the last val_fraction of the tokens), so no block is split across both.
     """
-    if _is_corpus(cfg):
+    if is_corpus(cfg):
         ids = _corpus_ids(cfg, tokenizer, cfg.path)
         if cfg.val_path is not None:
             train_ids, val = ids, chunk_blocks(_corpus_ids(cfg, tokenizer, cfg.val_path), cfg.block_size)
@@ -254,7 +258,9 @@ def load_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
             train_ids, val = ids[:cut], chunk_blocks(ids[cut:], cfg.block_size)
         train = chunk_blocks(train_ids, cfg.block_size)[: cfg.max_samples]
     else:
-        examples_of: Callable[[str], list[dict]] = partial(_instruction_examples, cfg, tokenizer)
+        # One entry per record (None: dropped), so the held-out records are the ones `qdylora eval`'s
+        # tasks hold out (evaluate.task_examples), whatever truncation dropped.
+        examples_of: Callable[[str], list[dict | None]] = partial(_instruction_examples, cfg, tokenizer)
         if is_chat(cfg):  # one template for both files, resolved (and announced) once
             examples_of = partial(_chat_examples, cfg, tokenizer, template=resolve_template(cfg, tokenizer))
         examples = examples_of(cfg.path)
@@ -263,6 +269,7 @@ def load_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
         else:
             train_idx, val_idx = split_indices(len(examples), cfg.val_fraction, seed)
             train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+        train, val = [e for e in train if e is not None], [e for e in val if e is not None]
     if not train:
         raise QdyloraError(f"{cfg.path}: no training examples left "
                            "(check data.val_fraction, data.block_size and data.max_length)")

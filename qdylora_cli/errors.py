@@ -26,3 +26,9 @@ def is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
             or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)))
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line, or its type's name when it has none (`KeyError()`)."""
+    lines = str(error).splitlines()
+    return lines[0] if lines and lines[0].strip() else type(error).__name__

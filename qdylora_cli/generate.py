@@ -1,7 +1,9 @@
 """`qdylora generate`: a run's (or a merged export's) answers to your prompts, at one or several ranks.
 
-The prompts get the run's own prompt template (`data.template`, as in training), so the model
-sees what it was trained on. Several ranks answer side by side from one model in one batch per
+The prompts get the run's own format, so the model sees what it was trained on: the prompt template
+(`data.template`) of instruction data; for chat data a user message (after `data.system_prompt`) in
+the run's chat template, the answer cut at the end of the assistant's turn; a text corpus's prompt
+as it is. Several ranks answer side by side from one model in one batch per
 prompt batch: the batch is repeated once per rank and every adapter applies its own rank to its
 copy (`set_rank` with a tuple), as `qdylora eval` does. Greedy by default; with temperature > 0
 sampled so that every rank draws the same random numbers for a prompt (sampling.py), so the
@@ -20,8 +22,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from qdylora_cli.config import DataConfig, GenerateConfig, parse_rank_spec
-from qdylora_cli.data import format_prompt, read_json_records
+from qdylora_cli.chat import ChatTemplate, find_turn_end, generation_prompt, resolve_template
+from qdylora_cli.config import DataConfig, GenerateConfig, is_chat, parse_rank_spec
+from qdylora_cli.data import format_prompt, is_corpus, read_json_records
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import generate_at_ranks, load_run_or_export
 from qdylora_cli.rundir import atomic_write_text, check_writable, load_eval_source, note_if_training
@@ -70,14 +73,18 @@ def read_prompts(path: Path, data: DataConfig) -> list[Prompt]:
     return prompts
 
 
-def model_text(prompt: Prompt, data: DataConfig, raw: bool) -> str:
-    """What the model continues: the prompt in the run's template (or as is with raw=true).
+def model_text(prompt: Prompt, data: DataConfig, raw: bool, chat: tuple[Any, ChatTemplate] | None = None) -> str:
+    """What the model continues: the prompt in the run's format (as is with raw=true or for a text corpus).
 
-    The one place a prompt becomes model input; a template that needs the tokenizer (a chat
-    template) belongs here too.
+    `chat`: (tokenizer, template) of a chat run, whose prompt becomes a user message.
     """
-    if raw:
-        return prompt.instruction + (f"\n{prompt.input}" if prompt.input else "")
+    text = prompt.instruction + (f"\n{prompt.input}" if prompt.input else "")
+    if raw or is_corpus(data):
+        return text
+    if chat is not None:
+        tokenizer, template = chat
+        system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt is not None else []
+        return generation_prompt(tokenizer, template, [*system, {"role": "user", "content": text}], "prompt")
     return format_prompt(data.template, prompt.instruction, prompt.input)
 
 
@@ -137,10 +144,13 @@ def run(cfg: GenerateConfig) -> dict[int, list[str]]:
         prompts = [Prompt(cfg.prompt, cfg.input or "")]
     else:
         prompts = read_prompts(Path(cfg.prompts).expanduser(), run_cfg.data)
-    texts = [model_text(p, run_cfg.data, cfg.raw) for p in prompts]
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_run_or_export(run_dir, merged_rank, device)
+    chat, turn_end = None, None
+    if is_chat(run_cfg.data) and not cfg.raw:
+        template = resolve_template(run_cfg.data, tokenizer)
+        chat, turn_end = (tokenizer, template), find_turn_end(tokenizer, template)
+    texts = [model_text(p, run_cfg.data, cfg.raw, chat) for p in prompts]
     if merged_rank is None:
         ranks = parse_rank_spec(cfg.rank if cfg.rank is not None else run_cfg.adapter.r_max, run_cfg.adapter.r_max)
         shown = {r: r for r in ranks}
@@ -153,7 +163,8 @@ def run(cfg: GenerateConfig) -> dict[int, list[str]]:
         batch = texts[start : start + cfg.batch_size]
         for first in range(0, len(ranks), cfg.ranks_per_pass):
             group = ranks[first : first + cfg.ranks_per_pass]
-            for r, out in generate_at_ranks(model, tokenizer, batch, group, cfg.max_new_tokens, device, sampling).items():
+            for r, out in generate_at_ranks(model, tokenizer, batch, group, cfg.max_new_tokens, device, sampling,
+                                             turn_end).items():
                 answers[r] += out
     answers = {shown[r]: answers[r] for r in ranks}
     print_answers(prompts, answers, f"{run_dir}: {_how(cfg)}", merged=merged_rank is not None)

@@ -18,7 +18,7 @@ from transformers import (
 
 from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict
 from qdylora_cli.config import ModelConfig, QuantConfig, TrainConfig
-from qdylora_cli.errors import QdyloraError
+from qdylora_cli.errors import QdyloraError, first_line
 from qdylora_cli.loading import dtype_kwarg, load_quantized, quantize_model
 from qdylora_cli.rundir import ADAPTER, ADAPTER_CONFIG, BASE_MODEL, atomic_dir, load_adapter
 
@@ -43,7 +43,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except Exception as e:  # missing, damaged (the tokenizers library raises plain Exception) or offline
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            first = first_line(e)
             raise QdyloraError(f"cannot load a tokenizer from {name_or_path!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:

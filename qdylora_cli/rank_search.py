@@ -154,8 +154,8 @@ def step_candidates(
         picks = knapsack([[s.params(g) for g in options[s.name]] for s in shapes],
                          [[table[s.name][g] + (penalty if g != reference[s.name] else 0.0) for g in options[s.name]]
                           for s in shapes], capacity)
-        assert picks is not None, "the reference fits the budget, so every knapsack has a solution"
-        step = {s.name: options[s.name][j] for s, j in zip(shapes, picks, strict=True)}
+        # None only when the knapsack's rounded-up costs miss a reference that fits exactly: no step then
+        step = dict(reference) if picks is None else {s.name: options[s.name][j] for s, j in zip(shapes, picks, strict=True)}
         if step not in steps:
             steps.append(step)
     return steps

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qdylora_cli.choices import RETIRED_OPTIMIZERS
 from qdylora_cli.config import TrainConfig, absolute_paths, flat_config, to_typed, validate_train
-from qdylora_cli.errors import QdyloraError
+from qdylora_cli.errors import QdyloraError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,9 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"  
 TRAINER_STATE = "trainer_state.json"  # in each checkpoint: step, data position, CPU threads, readable without torch
 EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run it came from
 # Keys a resumed run may change: the rest defines what is trained, and changing it would mix two runs.
+# The seed and the shape of a step fix the order of the batches, and the saved data position counts in it.
 RESUMABLE = ("train.", "launcher.", "run_dir", "name", "overwrite")
+FIXED_ON_RESUME = ("train.seed", "train.batch_size", "train.grad_accum", "launcher.num_processes")
 
 
 class RunLock:
@@ -151,15 +153,16 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> Path | None:
 
 
 def check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
-    """A resume may change `train.*` only: each change is said, any other names its key and stops."""
+    """A resume may change RESUMABLE keys (not FIXED_ON_RESUME): each change is said, any other names its key and stops."""
     old, new = flat_config(load_run_config(run_dir)), flat_config(absolute_paths(cfg))
     for key in new:
         if old.get(key) == new[key]:
             continue
-        if not key.startswith(RESUMABLE):
+        if not key.startswith(RESUMABLE) or key in FIXED_ON_RESUME:
             raise QdyloraError(
-                f"train.resume=true: {key} would change from {old.get(key)!r} to {new[key]!r}, but only train.* "
-                f"keys may change when resuming {run_dir}; train into a new run_dir to change {key}"
+                f"train.resume=true: {key} would change from {old.get(key)!r} to {new[key]!r}, but only train.* and "
+                f"launcher.* keys (except {', '.join(FIXED_ON_RESUME)}) may change when resuming {run_dir}; "
+                f"train into a new run_dir to change {key}"
             )
         if key != "train.resume":
             log.info("resuming with %s: %r -> %r", key, old.get(key), new[key])
@@ -309,7 +312,7 @@ def load_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         return load_file(str(path / ADAPTER_WEIGHTS)), json.loads((path / ADAPTER_CONFIG).read_text())
     except Exception as e:  # safetensors and json raise several types; all mean an unreadable file
-        raise QdyloraError(f"adapter in {path} is unreadable ({str(e).splitlines()[0]})") from None
+        raise QdyloraError(f"adapter in {path} is unreadable ({first_line(e)})") from None
 
 
 # --- training checkpoints ------------------------------------------------------------------------
@@ -360,7 +363,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # any YAML problem is the file's fault
-        raise QdyloraError(f"{path}: not a readable config ({str(e).splitlines()[0]})") from None
+        raise QdyloraError(f"{path}: not a readable config ({first_line(e)})") from None
     return validate_train(to_typed("train", upgrade_saved_config(node)), check_paths=False)
 
 

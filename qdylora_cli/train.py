@@ -13,6 +13,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -278,16 +279,27 @@ def _from_main(accelerator: Accelerator, value: Any) -> Any:
     return box[0]
 
 
-def _lock(accelerator: Accelerator, run_dir: Path, cleanup: ExitStack) -> None:
-    """The main process takes the run's lock; if it cannot, every process stops with its error."""
-    error = None
+def _on_main(accelerator: Accelerator, work: Callable[[], Any]) -> Any:
+    """`work()` on the main process, its result on every process; if it fails, every process stops
+    with its error (the others would otherwise wait for the main process forever)."""
+    result = error = None
     if accelerator.is_main_process:
         try:
-            cleanup.callback(RunLock.acquire(run_dir).release)
+            result = work()
         except QdyloraError as e:
             error = str(e)
-    if (error := _from_main(accelerator, error)) is not None:
+    result, error = _from_main(accelerator, (result, error))
+    if error is not None:
         raise QdyloraError(error)
+    return result
+
+
+def _lock(accelerator: Accelerator, run_dir: Path, cleanup: ExitStack) -> None:
+    """The main process takes the run's lock; if it cannot, every process stops with its error."""
+    def take() -> None:
+        cleanup.callback(RunLock.acquire(run_dir).release)
+
+    _on_main(accelerator, take)
 
 
 def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
@@ -302,7 +314,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     existed = _from_main(accelerator, run_dir.is_dir())  # one answer for every process: they must agree
     if existed:  # an existing run is locked before it is read
         _lock(accelerator, run_dir, cleanup)
-    resume_from = _from_main(accelerator, prepare_run_dir(cfg, run_dir) if main else None)
+    resume_from = _on_main(accelerator, lambda: prepare_run_dir(cfg, run_dir))
     replacing = main and not t.resume and (run_dir / CONFIG).exists()  # overwrite=true (else refused)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)

@@ -20,7 +20,7 @@ from qdylora_cli.chat import (
 )
 from qdylora_cli.cli import compose_config
 from qdylora_cli.config import DataConfig
-from qdylora_cli.data import IGNORE_INDEX, load_datasets, packed_batch_order
+from qdylora_cli.data import IGNORE_INDEX, load_datasets, packed_batch_order, split_indices
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import generate_at_ranks, gsm8k_prediction
 from qdylora_cli.model import load_run_model
@@ -131,6 +131,20 @@ def test_truncation_cuts_or_drops_and_says_so(tmp_path, tok, caplog):
     assert train[0]["labels"][-1] == ord("y")  # cut inside the answer: what is left of it still carries loss
     with pytest.raises(QdyloraError, match=r"no training examples left .*data.max_length"):
         load_datasets(_cfg(_write(tmp_path / "one.jsonl", [{"messages": long_user}]), max_length=100), tok, seed=0)
+
+
+def test_the_held_out_records_do_not_shift_when_truncation_drops_one(tmp_path, tok):
+    """Training holds out the same records as `qdylora eval`'s tasks (split_indices over records)."""
+    long_user = [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "ok"}]
+    records = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+               for i in range(12)]
+    records[0] = {"messages": long_user}  # dropped at max_length 100
+    cfg = _cfg(_write(tmp_path / "chat.jsonl", records), max_length=100, val_fraction=0.25)
+    train, val = load_datasets(cfg, tok, seed=3)
+    train_idx, val_idx = split_indices(len(records), 0.25, seed=3)
+    one = {i: _examples(tok, [records[i]["messages"]], cfg)[0] for i in range(1, 12)}
+    assert val == [one[i][0] for i in val_idx if i != 0]
+    assert train == [one[i][0] for i in train_idx if i != 0]
 
 
 # --- records --------------------------------------------------------------------------------------------
@@ -285,3 +299,18 @@ def test_gsm8k_on_chat_records_uses_the_template_and_the_end_of_turn(chat_run, t
                    f"data.path={_write(tmp_path / 'gsm.jsonl', records)}", f"out_dir={out}") == 0
     score = {r["rank"]: r["exact_match"] for r in json.loads((out / "ranks.json").read_text())}[8]
     assert score == sum(gsm8k_prediction(t) == g for t, g in zip(generated, golds)) / 3
+
+
+def test_generate_on_a_chat_run_asks_in_the_chat_template_and_stops_at_the_turn_end(chat_run, tmp_path):
+    run_dir, _ = chat_run
+    model, tokenizer, _ = load_run_model(run_dir)
+    template = resolve_template(load_run_config(run_dir).data, tokenizer)
+    prompt = generation_prompt(tokenizer, template, [{"role": "user", "content": "What is 3 plus 4?"}], "q")
+    expected = generate_at_ranks(model, tokenizer, [prompt], [2, 8], 12, torch.device("cpu"),
+                                 turn_end=find_turn_end(tokenizer, template))
+    out = tmp_path / "answers.jsonl"
+    assert qdylora("generate", f"run_dir={run_dir}", "rank=[2,8]", "prompt=What is 3 plus 4?", "max_new_tokens=12",
+                   f"out_file={out}") == 0
+    answers = {r["rank"]: r["answer"] for r in map(json.loads, out.read_text().splitlines())}
+    assert answers == {2: expected[2][0], 8: expected[8][0]}
+    assert not any("<|im_end|>" in a for a in answers.values())

@@ -71,9 +71,13 @@ def test_resume_needs_only_the_run_dir_and_says_what_changed(tmp_path):
 
     refused = qdylora("train", f"run_dir={run_dir}", "train.resume=true", "adapter.scale=constant")
     assert refused.returncode == 2
+    fixed = "train.seed, train.batch_size, train.grad_accum, launcher.num_processes"
     assert refused.stderr.strip().splitlines() == [
         f"error: train.resume=true: adapter.scale would change from 'rank_stabilized' to 'constant', but only train.* "
-        f"keys may change when resuming {run_dir}; train into a new run_dir to change adapter.scale"]
+        f"and launcher.* keys (except {fixed}) may change when resuming {run_dir}; train into a new run_dir to change "
+        "adapter.scale"]
+    reordered = qdylora("train", f"run_dir={run_dir}", "train.resume=true", "train.batch_size=4")  # the data order
+    assert reordered.returncode == 2 and "train.batch_size would change from 8 to 4" in reordered.stderr
 
 
 def test_a_run_is_self_contained_and_evaluates_from_anywhere(tmp_path):

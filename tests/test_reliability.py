@@ -549,6 +549,8 @@ BAD_INPUTS = [
      "adapter in {damaged}/adapter is unreadable"),
     ("tracker-not-installed", ["train", "train.report_to=[mlflow]"], "mlflow is not installed"),
     ("generate-damaged-adapter", ["generate", "run_dir={damaged}", "prompt=hi"], "adapter in {damaged}/adapter is unreadable"),
+    ("allocate-damaged-adapter", ["allocate", "run_dir={damaged}", "budget=0.5", "out_dir={ws}/a"],
+     "adapter in {damaged}/adapter is unreadable"),
     ("train-eval-ranks-not-a-spec", ["train", "train.eval_ranks=1-8"], "train.eval_ranks='1-8'"),
     ("generate-no-prompt", ["generate", "run_dir={run}"], 'prompt="TEXT" or prompts=FILE'),
     ("generate-prompt-and-prompts", ["generate", "run_dir={run}", "prompt=hi", "prompts={ws}/blank.txt"],

@@ -113,7 +113,8 @@ class RankSampler:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        if "generator" in state:  # 0.1's fixed schedule saved no state: it drew nothing at random
+            self.generator.set_state(state["generator"])
 
 
 def build_rank_sampler(kind: str, *, r_max: int, min_rank: int = 1, rank: int | None = None, seed: int = 0) -> RankSampler:
