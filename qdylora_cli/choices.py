@@ -1,5 +1,5 @@
-"""Every fixed set of choices and limits, in one torch-free place: the config validation and the code
-that acts on a value both read them here, so the two cannot drift apart."""
+"""The sets of choices and limits that the config validation and the torch-side code both act on, in one
+torch-free place, so the two cannot drift apart (choices only the validation reads stay in config.py)."""
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("alpaca", "text", "hf", "chat")

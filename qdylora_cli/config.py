@@ -600,9 +600,6 @@ def parse_rank_spec(spec: Any, r_max: int, key: str = "rank") -> list[int]:
 
     0 is the base model without adapters. Hydra hands over ints and lists as such, strings otherwise.
     Errors name `key`.
-
-
-    `key` names the setting in error messages.
     """
     usage = "a rank spec like 8, 1..64, 1..64:4, [1,2,4,8] or all"
     if isinstance(spec, bool):

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qdylora_cli.chat import ChatTemplate, parse_messages, resolve_template, tokenize_conversations
-from qdylora_cli.config import DataConfig, is_chat
+from qdylora_cli.config import DataConfig, LoopConfig, is_chat
 from qdylora_cli.errors import QdyloraError, first_line
 
 log = logging.getLogger(__name__)
@@ -497,7 +497,7 @@ class BatchStream:
         self._order = self.epoch_batches(self.epoch)
 
 
-def plan_steps(t: Any, batches: BatchStream, held_out: int) -> int:
+def plan_steps(t: LoopConfig, batches: BatchStream, held_out: int) -> int:
     """Optimizer steps of the run: train.max_steps, or enough for train.num_epochs passes over the data.
 
     Logs the size of one epoch first. With num_epochs, the last step may take its last micro-batches

@@ -76,7 +76,7 @@ def load_base_model(
     return model, float_model if keep_float else None
 
 
-def context_length(m: Any) -> int | None:
+def context_length(m: ModelConfig) -> int | None:
     """The most positions the model takes (`max_position_embeddings`), from its config alone.
 
     None when it states no such limit, or its config cannot be read yet (a hub model not downloaded:

@@ -16,14 +16,17 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from qdylora_cli.config import flat_config
+from qdylora_cli.config import TrainConfig, flat_config
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.logs import console
 from qdylora_cli.rundir import METRICS, atomic_write_text
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def _clock(seconds: float) -> str:
 class Reporter:
     """Progress of one run: `start()`, `step(record)` after each optimizer step, `stop()`."""
 
-    def __init__(self, cfg: Any, run_dir: Path, accelerator: Any, first_step: int, total: int) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, first_step: int, total: int) -> None:
         self.cfg, self.run_dir, self.accelerator = cfg, Path(run_dir), accelerator
         self.main = accelerator.is_main_process
         self.first_step, self.total = first_step, total

@@ -350,7 +350,7 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], kee
 # --- the run's config ------------------------------------------------------------------------------
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML with absolute paths, atomically (a crash never leaves half a file)."""
     atomic_write_text(Path(path), OmegaConf.to_yaml(OmegaConf.structured(absolute_paths(cfg)), resolve=True))
 

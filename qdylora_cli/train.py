@@ -38,7 +38,7 @@ from qdylora_cli.adapters import (
     set_rank,
     trained_slices,
 )
-from qdylora_cli.config import TrainConfig, is_chat
+from qdylora_cli.config import OptimizerConfig, TrainConfig, is_chat
 from qdylora_cli.data import (
     BatchStream,
     check_packing,
@@ -87,14 +87,14 @@ log = logging.getLogger(__name__)
 # --- optimizer and schedule ----------------------------------------------------------------------
 
 
-def build_optimizer(opt_cfg: Any, model: torch.nn.Module) -> RankAwareAdamW:
+def build_optimizer(opt_cfg: OptimizerConfig, model: torch.nn.Module) -> RankAwareAdamW:
     """AdamW over every adapter's factors that steps only the rank slices each step trained."""
     adapters = [a for _, a in iter_adapters(model)]
     return RankAwareAdamW(adapter_parameters(adapters), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
                           eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
 
 
-def lr_lambda(kind: str, max_steps: int, warmup_steps: int):
+def lr_lambda(kind: str, max_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR multiplier for step s: linear warmup, then constant, cosine or linear decay to zero.
 
     transformers' schedulers start the warmup at 0, so their first step changes nothing; here the
@@ -162,6 +162,15 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def agreed(self, accelerator: Accelerator) -> int | None:
+        """The signal any process received, on every process: they must all stop after the same step,
+        or the one saving a checkpoint and the others starting the next step wait for each other."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
 
 # --- RNG state -------------------------------------------------------------------------------------
 
@@ -176,6 +185,15 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rng_states(accelerator: Accelerator) -> list[dict[str, Any]]:
+    """Every process's RNG state (each process draws its own dropout masks), in process order."""
+    if accelerator.num_processes == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -448,8 +466,8 @@ def train_loop(s: Session, stop: StopOnSignal) -> None:
         if t.eval_every > 0 and (s.step % t.eval_every == 0 or s.step == s.max_steps) and s.val_batches:
             record["val_loss"] = {str(r): round(v, 6) for r, v in validate(s, s.eval_ranks).items()}
         s.reporter.step(record)
-        if stop.signum is not None:
-            raise Interrupted(stop.signum, s.step, save_training_checkpoint(s))
+        if (signum := stop.agreed(acc)) is not None:
+            raise Interrupted(signum, s.step, save_training_checkpoint(s))
         if t.save_every > 0 and s.step % t.save_every == 0 and s.step < s.max_steps:
             save_training_checkpoint(s)
 
@@ -487,7 +505,7 @@ def save_training_checkpoint(s: Session) -> Path:
     optimizer_state_dict = optimizer_state(unwrapped, s.optimizer)
     check_replicas(acc, adapters, s.drawn, s.step)
     state = {"step": s.step, "bad_steps": s.guard.in_a_row, "skipped_total": s.guard.total, "tokens": s.tokens,
-             "data": s.batches.state_dict(), "sampler": s.sampler.state_dict(), "rng": rng_state(),
+             "data": s.batches.state_dict(), "sampler": s.sampler.state_dict(), "rng": rng_states(acc),
              "scheduler": s.scheduler.state_dict(),
              "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
 
@@ -515,7 +533,8 @@ def load_training_checkpoint(s: Session, path: Path) -> None:
     s.batches.load_state_dict(state["data"])
     if state["scaler"] is not None and acc.scaler is not None:
         acc.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    rng = state["rng"]  # one per process; a single state in checkpoints before 0.2
+    set_rng_state(rng[acc.process_index] if isinstance(rng, list) else rng)
     s.step, s.tokens = state["step"], state.get("tokens", 0)
     s.guard.in_a_row, s.guard.total = state["bad_steps"], state.get("skipped_total", 0)
 

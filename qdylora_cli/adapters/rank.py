@@ -4,7 +4,7 @@ A schedule is a distribution P(b) over the ranks. Each optimizer step draws k ra
 (`ranks_per_step`); with k > 1 the draw is stratified (one rank from each k-quantile of P), so a
 step always covers low and high ranks. The sampler owns a `torch.Generator` seeded from the run
 seed, so every process draws the same ranks and a resumed run continues the exact sequence. A new
-schedule is one weight function plus one line in `RANK_WEIGHTS`.
+schedule is one weight function, one line in `RANK_WEIGHTS` and its name in `choices.RANK_SCHEDULES`.
 """
 
 from __future__ import annotations
