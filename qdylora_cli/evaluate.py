@@ -46,6 +46,7 @@ from qdylora_cli.config import (
     parse_rank_spec,
 )
 from qdylora_cli.data import (
+    IGNORE_INDEX,
     collate,
     format_prompt,
     load_datasets,
@@ -88,12 +89,12 @@ def _chunk_losses(
     input_ids = batch["input_ids"].repeat(k, 1)
     attention_mask = batch["attention_mask"].repeat(k, 1)
     # Position t predicts label t+1: shift the labels, not the logits, so the (large) logits are never copied.
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).repeat(k, 1)
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).repeat(k, 1)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     token_loss = F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(k, -1)
-    counts = (labels != -100).view(k, -1).sum(dim=1)
+    counts = (labels != IGNORE_INDEX).view(k, -1).sum(dim=1)
     return torch.stack([token_loss.sum(dim=1), counts.to(token_loss.dtype)], dim=1)
 
 

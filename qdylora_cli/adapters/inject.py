@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qdylora_cli.adapters.lora import DynamicRankLoRA, check_rank
+from qdylora_cli.adapters.rank import check_module_ranks
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.quant import NF4Linear
 
@@ -135,10 +136,7 @@ def merge_adapters(model: nn.Module, rank: int | Mapping[str, int]) -> None:
     """
     adapters = list(iter_adapters(model))
     if isinstance(rank, Mapping):
-        names = {name for name, _ in adapters}
-        if set(rank) != names:
-            odd = sorted(set(rank) ^ names)
-            raise QdyloraError(f"merge: the ranks per module must name exactly the adapted modules; {odd[0]} differs")
+        check_module_ranks([name for name, _ in adapters], rank)
     ranks = {name: rank[name] if isinstance(rank, Mapping) else rank for name, _ in adapters}
     for name, adapter in adapters:
         if isinstance(check_rank(ranks[name], adapter.r_max), tuple):

@@ -19,7 +19,8 @@ from qdylora_cli.adapters.lora import DynamicRankLoRA, Rank, check_rank
 from qdylora_cli.errors import QdyloraError
 
 
-def _check_modules(names: Sequence[str], ranks: Mapping[str, Any]) -> None:
+def check_module_ranks(names: Sequence[str], ranks: Mapping[str, Any]) -> None:
+    """A rank per module names every adapted module in `names` and no other."""
     missing, unknown = sorted(set(names) - set(ranks)), sorted(set(ranks) - set(names))
     if missing or unknown:
         raise QdyloraError(
@@ -37,7 +38,7 @@ def set_rank(model: nn.Module, rank: Rank | Mapping[str, Rank]) -> None:
     """
     adapters = {name: m for name, m in model.named_modules() if isinstance(m, DynamicRankLoRA)}
     if isinstance(rank, Mapping):
-        _check_modules(list(adapters), rank)
+        check_module_ranks(list(adapters), rank)
     ranks = {name: rank[name] if isinstance(rank, Mapping) else rank for name in adapters}
     checked = {name: check_rank(ranks[name], adapter.r_max) for name, adapter in adapters.items()}
     for name, adapter in adapters.items():
@@ -58,7 +59,7 @@ def set_chunk_ranks(model: nn.Module, choices: Sequence[int | Mapping[str, int]]
     names = [name for name, m in model.named_modules() if isinstance(m, DynamicRankLoRA)]
     for c in choices:
         if isinstance(c, Mapping):
-            _check_modules(names, c)
+            check_module_ranks(names, c)
     per_module: dict[str, Rank] = {}
     for name in names:
         ranks = tuple(c[name] if isinstance(c, Mapping) else c for c in choices)
