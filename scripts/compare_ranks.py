@@ -106,6 +106,8 @@ EXTRA = [
     Arm("frozen_rs", "frozen, uniform, rank-stabilized, 1 rank/step", ("adapter.mode=frozen", "rank_schedule=uniform", ONE)),
     Arm("harmonic4", "full, harmonic, rank-stabilized, 4 ranks/step", ("rank_schedule=harmonic",)),
     Arm("ranks2", "default with 2 ranks/step", ("rank_schedule.ranks_per_step=2",)),
+    Arm("mixed4", "full, mixed, rank-stabilized, 4 ranks/step", ("rank_schedule=mixed",)),
+    Arm("dora_mixed4", "DoRA, mixed, rank-stabilized, 4 ranks/step", ("adapter.variant=dora", "rank_schedule=mixed")),
     Arm("dora_uniform4", "DoRA, uniform, rank-stabilized, 4 ranks/step", ("adapter.variant=dora", "rank_schedule=uniform")),
     Arm("lr5", "default at lr 5e-3", ("optimizer.lr=5e-3",)),
     Arm("alpha32", "default with alpha 32", ("adapter.alpha=32",)),

@@ -35,12 +35,20 @@ def test_octave_cuts_octaves_to_min_rank_and_r_max():
     assert probs(octave(1, 1)) == [1.0]
 
 
+def test_mixed_is_half_octave_half_uniform():
+    octave = [1 / 5] + [1 / 10] * 2 + [1 / 20] * 4 + [1 / 40] * 8 + [1 / 5]
+    expected = [o / 2 + 1 / 32 for o in octave]
+    assert probs(build_rank_sampler("mixed", r_max=16)) == pytest.approx(expected, abs=1e-12)
+    cut = build_rank_sampler("mixed", r_max=12, min_rank=3)  # octaves 3 | 4-7 | 8-12
+    assert probs(cut) == pytest.approx([1 / 6 + 1 / 20] + [1 / 24 + 1 / 20] * 4 + [1 / 30 + 1 / 20] * 5)
+
+
 def test_harmonic_is_proportional_to_one_over_b():
     total = sum(Fraction(1, b) for b in range(2, 9))
     assert probs(build_rank_sampler("harmonic", r_max=8, min_rank=2)) == pytest.approx([float(Fraction(1, b) / total) for b in range(2, 9)])
 
 
-@pytest.mark.parametrize("kind", ["octave", "harmonic"])
+@pytest.mark.parametrize("kind", ["octave", "harmonic", "mixed"])
 def test_draws_follow_the_distribution(kind):
     s = build_rank_sampler(kind, r_max=16, min_rank=1, seed=123)
     n = 40_000
@@ -51,7 +59,7 @@ def test_draws_follow_the_distribution(kind):
         assert abs(counts[b] - n * p) < 5 * sd, (b, counts[b], n * p)
 
 
-@pytest.mark.parametrize("kind", ["octave", "harmonic"])
+@pytest.mark.parametrize("kind", ["octave", "harmonic", "mixed"])
 def test_same_seed_same_ranks_and_state_resumes_the_sequence(kind):
     a = build_rank_sampler(kind, r_max=16, seed=7)
     first = [a.sample(2) for _ in range(25)]
@@ -64,7 +72,7 @@ def test_same_seed_same_ranks_and_state_resumes_the_sequence(kind):
     assert [resumed.sample(4) for _ in range(50)] == expected
 
 
-@pytest.mark.parametrize("kind", ["octave", "harmonic"])
+@pytest.mark.parametrize("kind", ["octave", "harmonic", "mixed"])
 def test_bad_min_rank_is_a_clear_error(kind):
     with pytest.raises(QdyloraError, match="min_rank"):
         build_rank_sampler(kind, r_max=8, min_rank=9)

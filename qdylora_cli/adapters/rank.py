@@ -87,10 +87,20 @@ def _harmonic(b: int, min_rank: int, r_max: int) -> float:
     return 1.0 / b
 
 
+def _mixed(b: int, min_rank: int, r_max: int) -> float:
+    """Half of the draws by `octave`, half `uniform`: more of the ranks between the powers of two.
+
+    With r_max 16: P(1) = P(16) = 0.131, P(2..3) = 0.081, P(4..7) = 0.056, P(8..15) = 0.044.
+    """
+    octaves = len({r.bit_length() for r in range(min_rank, r_max + 1)})
+    return 0.5 * _octave(b, min_rank, r_max) / octaves + 0.5 / (r_max - min_rank + 1)
+
+
 RANK_WEIGHTS: dict[str, Callable[[int, int, int], float]] = {
     "uniform": _uniform,
     "octave": _octave,
     "harmonic": _harmonic,
+    "mixed": _mixed,
 }
 
 
