@@ -85,7 +85,8 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated(self.device) - self.base
         if not Path("/proc/self/status").exists():
             return float("nan")
-        return _proc_status("VmHWM") * 1024 - self.base
+        # Growth, so never below 0 (RSS can shrink, e.g. when gc returns pages, below the level at start).
+        return max(0.0, _proc_status("VmHWM") * 1024 - self.base)
 
 
 def _proc_status(key: str) -> int:
@@ -286,8 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     if {"qdylora", "peft"} <= set(args.systems):
         for seq in args.seqs:
             q, p = results[seq, "qdylora"], results[seq, "peft"]
-            print(f"seq {seq}: qdylora/peft tokens/s {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, "
-                  f"peak memory {q['peak_bytes'] / p['peak_bytes']:.2f}x")
+            memory = f"{q['peak_bytes'] / p['peak_bytes']:.2f}x" if p["peak_bytes"] > 0 else "n/a (PEFT's is 0)"
+            print(f"seq {seq}: qdylora/peft tokens/s {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, peak memory {memory}")
 
 
 if __name__ == "__main__":
