@@ -19,7 +19,7 @@ from typing import Any
 from safetensors import safe_open
 
 from qdylora_cli.errors import QdyloraError, first_line
-from qdylora_cli.rundir import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_dir
+from qdylora_cli.rundir import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, reading_adapter
 
 Allocation = dict[str, int]
 
@@ -47,18 +47,13 @@ def run_module_shapes(run_dir: str | Path) -> tuple[list[ModuleShape], dict[str,
     weights, config = adapter / ADAPTER_WEIGHTS, adapter / ADAPTER_CONFIG
     if not weights.is_file() or not config.is_file():
         raise QdyloraError(f"{run_dir} has no finished adapter ({adapter} lacks {ADAPTER_WEIGHTS} or {ADAPTER_CONFIG})")
-    problem = verify_dir(adapter)
-    if problem is not None and problem != "no manifest":
-        raise QdyloraError(f"adapter in {adapter} is damaged: {problem}")
-    try:
+    with reading_adapter(adapter):
         meta = json.loads(config.read_text())
         dora = meta["variant"] == "dora"
         with safe_open(str(weights), framework="pt") as f:
             shapes = [ModuleShape(name, f.get_slice(f"{name}.lora_A").get_shape()[1],
                                   f.get_slice(f"{name}.lora_B").get_shape()[0], dora)
                       for name in meta["target_modules"]]
-    except Exception as e:  # json, safetensors and a missing key raise several types: all an unreadable adapter
-        raise QdyloraError(f"adapter in {adapter} is unreadable ({first_line(e)})") from None
     return shapes, meta
 
 

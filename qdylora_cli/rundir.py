@@ -299,6 +299,20 @@ def save_adapter(target: Path, weights: dict[str, torch.Tensor], meta: dict[str,
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
+@contextmanager
+def reading_adapter(path: Path) -> Iterator[None]:
+    """Check an adapter directory's manifest, then make any error while reading it one line."""
+    problem = verify_dir(path)
+    if problem is not None and problem != "no manifest":
+        raise QdyloraError(f"adapter in {path} is damaged: {problem}")
+    try:
+        yield
+    except QdyloraError:
+        raise
+    except Exception as e:  # safetensors, json and a missing key raise several types; all mean an unreadable file
+        raise QdyloraError(f"adapter in {path} is unreadable ({first_line(e)})") from None
+
+
 def load_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weights and metadata of an adapter directory; a damaged or unreadable one is a one-line error."""
     from safetensors.torch import load_file
@@ -306,13 +320,8 @@ def load_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
     if not (path / ADAPTER_WEIGHTS).is_file() or not (path / ADAPTER_CONFIG).is_file():
         raise QdyloraError(f"{path} holds no adapter (expected {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG})")
-    problem = verify_dir(path)
-    if problem is not None and problem != "no manifest":
-        raise QdyloraError(f"adapter in {path} is damaged: {problem}")
-    try:
+    with reading_adapter(path):
         return load_file(str(path / ADAPTER_WEIGHTS)), json.loads((path / ADAPTER_CONFIG).read_text())
-    except Exception as e:  # safetensors and json raise several types; all mean an unreadable file
-        raise QdyloraError(f"adapter in {path} is unreadable ({first_line(e)})") from None
 
 
 # --- training checkpoints ------------------------------------------------------------------------
@@ -364,7 +373,12 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
         node = OmegaConf.load(path)
     except Exception as e:  # any YAML problem is the file's fault
         raise QdyloraError(f"{path}: not a readable config ({first_line(e)})") from None
-    return validate_train(to_typed("train", upgrade_saved_config(node)), check_paths=False)
+    return _saved_train_config(node)
+
+
+def _saved_train_config(node: DictConfig | dict) -> TrainConfig:
+    """A saved run config, upgraded and typed (paths are not re-checked: eval may run elsewhere)."""
+    return validate_train(to_typed("train", upgrade_saved_config(OmegaConf.create(node))), check_paths=False)
 
 
 def upgrade_saved_config(node: DictConfig) -> DictConfig:
@@ -403,5 +417,4 @@ def load_eval_source(path: str | Path) -> tuple[TrainConfig, int | None]:
     if info["rank"] is None:
         raise QdyloraError(f"{path} is a merged export of an allocation (a rank per layer), not of one rank: its loss "
                            "is in the allocation's summary.json (qdylora allocate)")
-    cfg = validate_train(to_typed("train", upgrade_saved_config(OmegaConf.create(info["run_config"]))), check_paths=False)
-    return cfg, int(info["rank"])
+    return _saved_train_config(info["run_config"]), int(info["rank"])
