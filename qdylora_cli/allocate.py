@@ -32,7 +32,7 @@ from rich.table import Table
 
 from qdylora_cli.allocation import Allocation, ModuleShape, allocation_params, run_module_shapes, uniform
 from qdylora_cli.config import AllocateConfig, TrainConfig, candidate_ranks
-from qdylora_cli.data import collate, load_datasets, pad_token_id
+from qdylora_cli.data import eval_batches, load_datasets, pad_token_id
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import choice_losses
 from qdylora_cli.model import load_run_model
@@ -52,11 +52,6 @@ def budget_capacity(cfg: AllocateConfig, full: int, smallest: int, smallest_rank
             f"{smallest_rank} ({smallest:,} parameters, budget={smallest / full:.4g} of the r_max adapter's {full:,})"
         )
     return capacity
-
-
-def _batches(examples: list[dict], batch_size: int, pad: int) -> list[dict[str, torch.Tensor]]:
-    examples = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths share a batch: less padding
-    return [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
 
 
 def split_data(cfg: AllocateConfig, run_cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[dict], str]:
@@ -226,7 +221,7 @@ def run(cfg: AllocateConfig) -> dict[str, Any]:
     model, tokenizer, _ = load_run_model(run_dir, device=device)
     search_examples, check_examples, note = split_data(cfg, run_cfg, tokenizer)
     pad = pad_token_id(tokenizer)
-    search_batches, check_batches = _batches(search_examples, cfg.batch_size, pad), _batches(check_examples, cfg.batch_size, pad)
+    search_batches, check_batches = eval_batches(search_examples, cfg.batch_size, pad), eval_batches(check_examples, cfg.batch_size, pad)
 
     def measure(allocations: list[Allocation]) -> list[float]:
         return choice_losses(model, search_batches, allocations, ranks_per_pass=cfg.configs_per_pass, device=device)

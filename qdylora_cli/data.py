@@ -306,6 +306,12 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def eval_batches(examples: list[dict[str, list[int]]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Batches for measuring a loss: sorted by length, so similar lengths share a batch (less padding)."""
+    examples = sorted(examples, key=lambda e: len(e["input_ids"]))
+    return [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+
+
 def batch_order(
     n: int,
     batch_size: int,

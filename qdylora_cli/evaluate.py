@@ -47,7 +47,7 @@ from qdylora_cli.config import (
 )
 from qdylora_cli.data import (
     IGNORE_INDEX,
-    collate,
+    eval_batches,
     format_prompt,
     load_datasets,
     pad_token_id,
@@ -503,10 +503,7 @@ def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[
         data = cfg.data if cfg.data.val_path is not None else dataclasses.replace(cfg.data, val_fraction=0.0)
         train, val = load_datasets(data, tokenizer, seed=run_cfg.train.seed)
         val = val if cfg.data.val_path is not None else train
-    val = sorted(val, key=lambda e: len(e["input_ids"]))  # similar lengths share a batch: less padding
-    pad = pad_token_id(tokenizer)
-    batches = [collate(val[i : i + cfg.batch_size], pad) for i in range(0, len(val), cfg.batch_size)]
-    return batches[: cfg.max_batches]
+    return eval_batches(val, cfg.batch_size, pad_token_id(tokenizer))[: cfg.max_batches]
 
 
 def run(cfg: EvalConfig) -> list[dict]:

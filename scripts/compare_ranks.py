@@ -149,7 +149,7 @@ def train_and_evaluate(job: tuple[argparse.Namespace, str, str, int]) -> dict:
 
     from qdylora_cli import train
     from qdylora_cli.cli import compose_config
-    from qdylora_cli.data import collate, load_datasets, pad_token_id
+    from qdylora_cli.data import eval_batches, load_datasets, pad_token_id
     from qdylora_cli.evaluate import rank_losses
     from qdylora_cli.model import load_run_model
 
@@ -170,9 +170,8 @@ def train_and_evaluate(job: tuple[argparse.Namespace, str, str, int]) -> dict:
     # Evaluate what was saved, not the in-memory model: this is what a user gets from `qdylora eval`.
     model, tokenizer, _ = load_run_model(run_dir)
     _, val = load_datasets(cfg.data, tokenizer, seed=seed)
-    val = sorted(val[: args.val_limit], key=lambda e: len(e["input_ids"]))  # less padding per batch
-    pad = pad_token_id(tokenizer)
-    batches = [collate(val[i:i + args.batch_size], pad) for i in range(0, len(val), args.batch_size)]
+    val = val[: args.val_limit]
+    batches = eval_batches(val, args.batch_size, pad_token_id(tokenizer))
     with torch.no_grad():
         losses = rank_losses(model, batches, (0, *EVAL_RANKS))
     result = {"task": task, "arm": name, "seed": seed, "wall_s": wall, "loop_s": last["elapsed"], "steps": last["step"],
