@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
-from qdylora_cli.adapters import merge_adapters
+from qdylora_cli.adapters import merge_adapters, ranks_by_module
 from qdylora_cli.allocation import allocation_params, read_allocation, run_module_shapes
 from qdylora_cli.chat import resolve_template
 from qdylora_cli.config import ExportConfig, TrainConfig, is_chat
@@ -89,7 +89,7 @@ def peft_adapter(
     names the modules at other ranks, `alpha_pattern` those whose `lora_alpha` differs (scale
     `constant`), and modules at rank 0 get no adapter.
     """
-    ranks = {name: rank[name] if isinstance(rank, Mapping) else rank for name in meta["target_modules"]}
+    ranks = ranks_by_module(meta["target_modules"], rank)
     adapted = [name for name in meta["target_modules"] if ranks[name] > 0]
     scale = meta.get("scale", "alpha_over_rank")
     state = {}

@@ -16,6 +16,7 @@ from qdylora_cli.adapters.rank import (
     RankSampler,
     assign_ranks,
     build_rank_sampler,
+    ranks_by_module,
     set_chunk_ranks,
     set_rank,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "load_adapter_state_dict",
     "merge_adapters",
     "rank_scale",
+    "ranks_by_module",
     "set_chunk_ranks",
     "set_rank",
     "trained_slices",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qdylora_cli.adapters.lora import DynamicRankLoRA, check_rank
-from qdylora_cli.adapters.rank import check_module_ranks
+from qdylora_cli.adapters.rank import ranks_by_module
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.quant import NF4Linear
 
@@ -135,9 +135,7 @@ def merge_adapters(model: nn.Module, rank: int | Mapping[str, int]) -> None:
     names every adapter. Everything is checked before the first layer is replaced.
     """
     adapters = list(iter_adapters(model))
-    if isinstance(rank, Mapping):
-        check_module_ranks([name for name, _ in adapters], rank)
-    ranks = {name: rank[name] if isinstance(rank, Mapping) else rank for name, _ in adapters}
+    ranks = ranks_by_module([name for name, _ in adapters], rank)
     for name, adapter in adapters:
         if isinstance(check_rank(ranks[name], adapter.r_max), tuple):
             raise QdyloraError(f"merge needs one rank per module, got {ranks[name]} for {name}")

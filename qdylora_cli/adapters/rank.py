@@ -29,6 +29,14 @@ def check_module_ranks(names: Sequence[str], ranks: Mapping[str, Any]) -> None:
         )
 
 
+def ranks_by_module(names: Sequence[str], rank: Rank | Mapping[str, Rank]) -> dict[str, Rank]:
+    """`rank` for each module in `names`: one rank for all, or a mapping that must name exactly these modules."""
+    if isinstance(rank, Mapping):
+        check_module_ranks(names, rank)
+        return {name: rank[name] for name in names}
+    return dict.fromkeys(names, rank)
+
+
 def set_rank(model: nn.Module, rank: Rank | Mapping[str, Rank]) -> None:
     """Set the active rank of the adapters in `model` (0 = off, b, or a tuple: one rank per batch chunk).
 
@@ -37,9 +45,7 @@ def set_rank(model: nn.Module, rank: Rank | Mapping[str, Rank]) -> None:
     is changed, so a bad rank leaves the model as it was.
     """
     adapters = {name: m for name, m in model.named_modules() if isinstance(m, DynamicRankLoRA)}
-    if isinstance(rank, Mapping):
-        check_module_ranks(list(adapters), rank)
-    ranks = {name: rank[name] if isinstance(rank, Mapping) else rank for name in adapters}
+    ranks = ranks_by_module(list(adapters), rank)
     checked = {name: check_rank(ranks[name], adapter.r_max) for name, adapter in adapters.items()}
     for name, adapter in adapters.items():
         adapter.rank = checked[name]
