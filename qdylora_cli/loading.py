@@ -351,6 +351,7 @@ def fill_model(
 def quantize_model(
     model: PreTrainedModel, *, quant: QuantConfig = NF4, target_modules: Sequence[str] = ("all-linear",),
     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    quantize_device: torch.device | str | None = None,
 ) -> PreTrainedModel:
     """The same model with its target layers in NF4, as if it had been read from disk (`fill_model`).
 
@@ -360,7 +361,7 @@ def quantize_model(
     device = device or next(model.parameters()).device
     skeleton = build_skeleton(model.config, dtype=dtype)
     return fill_model(skeleton, model.state_dict().items(), dtype=dtype, quant=quant, target_modules=target_modules,
-                      device=device)
+                      device=device, quantize_device=quantize_device)
 
 
 def load_quantized(

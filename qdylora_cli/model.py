@@ -72,7 +72,8 @@ def load_base_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(m.init_seed)
         float_model = AutoModelForCausalLM.from_config(hf_config, **dtype_kwarg(dtype))
-    model = quantize_model(float_model, quant=quant, target_modules=target_modules, dtype=dtype, device=device)
+    model = quantize_model(float_model, quant=quant, target_modules=target_modules, dtype=dtype, device=device,
+                           quantize_device=quantize_device)
     return model, float_model if keep_float else None
 
 
