@@ -20,7 +20,7 @@ rewrites earlier turns) is refused with the record that showed it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +198,6 @@ class ChatStats:
     records: int = 0
     cut: int = 0
     dropped: int = 0
-    kept: list[int] = field(default_factory=list)  # the record each example came from
 
 
 def tokenize_conversations(
@@ -206,12 +205,13 @@ def tokenize_conversations(
     template: ChatTemplate,
     conversations: list[tuple[str, list[dict[str, str]]]],
     cfg: DataConfig,
-) -> tuple[list[dict[str, list[int]]], ChatStats]:
-    """Tokenized examples `{"input_ids", "labels"}` of (where, messages) pairs, and truncation counts.
+) -> tuple[list[dict[str, list[int]] | None], ChatStats]:
+    """One tokenized example `{"input_ids", "labels"}` per (where, messages) pair, and truncation counts.
 
     Labels are the token ids on assistant turns and -100 elsewhere (every token with
     data.train_on_source). A conversation longer than data.max_length keeps its first max_length
-    tokens; one left without an assistant token to predict is dropped (both are counted).
+    tokens; one left without an assistant token to predict is dropped: None in its place (both are
+    counted), so examples stay aligned with the records they came from.
     """
     texts, all_spans = [], []
     for where, messages in conversations:
@@ -220,17 +220,18 @@ def tokenize_conversations(
         all_spans.append(spans)
     # The template writes the special tokens (BOS, ...) itself, as `apply_chat_template(tokenize=True)` does.
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    examples, stats = [], ChatStats(records=len(texts))
-    for record, (ids, offsets, spans) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"], all_spans)):
+    examples: list[dict[str, list[int]] | None] = []
+    stats = ChatStats(records=len(texts))
+    for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], all_spans):
         assistant = token_mask(offsets, spans)
         cut = len(ids) > cfg.max_length
         if cut:
             ids, assistant = ids[: cfg.max_length], assistant[: cfg.max_length]
         if not any(assistant[1:]):  # the first token is never predicted
             stats.dropped += 1
+            examples.append(None)
             continue
         stats.cut += cut
-        stats.kept.append(record)
         labels = list(ids) if cfg.train_on_source else [t if a else -100 for t, a in zip(ids, assistant)]
         examples.append({"input_ids": list(ids), "labels": labels})
     return examples, stats

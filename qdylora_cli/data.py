@@ -197,10 +197,7 @@ def _chat_examples(
     if stats.cut or stats.dropped:
         log.info("%s: of %d conversations, %d were cut to data.max_length=%d tokens and %d dropped "
                  "(no assistant token left to learn)", path, stats.records, stats.cut, cfg.max_length, stats.dropped)
-    by_record: list[dict | None] = [None] * stats.records
-    for record, example in zip(stats.kept, examples, strict=True):
-        by_record[record] = example
-    return by_record
+    return examples
 
 
 def _corpus_ids(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> list[int]:

@@ -491,7 +491,7 @@ def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[
                   template: ChatTemplate | None) -> list[dict]:
     if examples is not None and template is not None:  # chat: the loss of the answer as the assistant's turn
         conversations = [(e.where, [*e.messages, {"role": "assistant", "content": e.target}]) for e in examples]
-        val = tokenize_conversations(tokenizer, template, conversations, cfg.data or run_cfg.data)[0]
+        val = [e for e in tokenize_conversations(tokenizer, template, conversations, cfg.data or run_cfg.data)[0] if e is not None]
     elif examples is not None:
         data = cfg.data or run_cfg.data
         val = tokenize_pairs(tokenizer, [e.prompt for e in examples], [e.target for e in examples], data)
