@@ -321,6 +321,8 @@ def batch_order(
 
     With group_by_length, a shuffled window of MEGABATCH batches is sorted by length and cut into
     batches (little padding), and the batches are then shuffled, so long and short ones mix in time.
+    The rows of each batch are shuffled too: sorted, the first chunk of a batch (the step's lowest
+    rank) would always get its longest rows.
     """
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(n).tolist()
@@ -333,7 +335,8 @@ def batch_order(
     for start in range(0, n, window):
         group = sorted(perm[start : start + window], key=lambda i: -lengths[i])
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+    batches = [batches[i] for i in rng.permutation(len(batches)).tolist()]
+    return [[batch[i] for i in rng.permutation(len(batch)).tolist()] for batch in batches]
 
 
 # --- packing -------------------------------------------------------------------------------------------

@@ -53,25 +53,15 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
 
 
 def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`adapter_state_dict` of the whole model, on every process, also when FSDP shards it.
+    """`adapter_state_dict` of the whole model, on every process, also when FSDP shards it; on the CPU.
 
-    Collective under FSDP: every process must call it. One FSDP unit is gathered at a time, so
-    memory stays at one layer; the tensors returned are on the CPU.
+    Collective under FSDP: every process must call it. Each sharded tensor is gathered from its
+    float32 shards on its own (`full_tensor`), so memory stays at one tensor. FSDP's own `unshard`
+    would hand them over in its mixed-precision dtype (bf16), rounding what checkpoints and the
+    final adapter keep.
     """
-    units = _fsdp_units(model)
-    if not units:
-        return {k: v.cpu() for k, v in adapter_state_dict(model).items()}
-    state: dict[str, torch.Tensor] = {}
-    owner = {id(a): unit for unit in units for _, a in iter_adapters(unit)}  # innermost unit wins: listed last
-    for unit in units:
-        mine = [(n, a) for n, a in iter_adapters(model) if owner[id(a)] is unit]
-        if not mine:
-            continue
-        unit.unshard()  # the unit's parameters are whole (plain tensors) until reshard
-        for name, adapter in mine:
-            state |= {f"{name}.{k}": v.cpu().clone() for k, v in adapter.adapter_state().items()}
-        unit.reshard()
-    return state
+    return {key: (value.full_tensor() if hasattr(value, "full_tensor") else value).cpu()
+            for key, value in adapter_state_dict(model).items()}
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -46,7 +45,6 @@ from qdylora_cli.config import (
     parse_rank_spec,
 )
 from qdylora_cli.data import (
-    IGNORE_INDEX,
     eval_batches,
     format_prompt,
     load_datasets,
@@ -57,6 +55,7 @@ from qdylora_cli.data import (
 )
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.loading import load_quantized
+from qdylora_cli.loss import loss_tokens, token_losses
 from qdylora_cli.model import load_run_model, load_tokenizer, torch_dtype
 from qdylora_cli.rundir import (
     EVAL,
@@ -88,13 +87,10 @@ def _chunk_losses(
     set_chunk_ranks(model, ranks)
     input_ids = batch["input_ids"].repeat(k, 1)
     attention_mask = batch["attention_mask"].repeat(k, 1)
-    # Position t predicts label t+1: shift the labels, not the logits, so the (large) logits are never copied.
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).repeat(k, 1)
+    labels = batch["labels"].repeat(k, 1)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    token_loss = F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(k, -1)
-    counts = (labels != IGNORE_INDEX).view(k, -1).sum(dim=1)
+    token_loss = token_losses(logits, labels).view(k, -1)
+    counts = loss_tokens(labels).view(k, -1).sum(dim=1)
     return torch.stack([token_loss.sum(dim=1), counts.to(token_loss.dtype)], dim=1)
 
 

@@ -23,7 +23,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from safetensors.torch import load_file, save_file
 
 from qdylora_cli.adapters import (
@@ -35,6 +40,7 @@ from qdylora_cli.adapters import (
     count_parameters,
     iter_adapters,
     load_adapter_state_dict,
+    ranks_of_rows,
     set_rank,
     trained_slices,
 )
@@ -56,6 +62,7 @@ from qdylora_cli.distributed import (
 )
 from qdylora_cli.errors import Interrupted, QdyloraError, ResourceError, is_out_of_memory
 from qdylora_cli.evaluate import rank_losses
+from qdylora_cli.loss import loss_tokens, token_losses
 from qdylora_cli.model import (
     build_training_model,
     context_length,
@@ -247,6 +254,9 @@ def with_device_defaults(cfg: TrainConfig, on_cuda: bool) -> TrainConfig:
     if (m.dtype, t.mixed_precision, t.gradient_checkpointing) != (dtype, mixed, checkpointing):
         log.info("%s: model.dtype=%s, train.mixed_precision=%s, train.gradient_checkpointing=%s (the auto settings)",
                  "GPU" if on_cuda else "no GPU", dtype, mixed, str(checkpointing).lower())
+    if dtype == "float16" and mixed != "fp16":
+        raise QdyloraError(f"train.mixed_precision={mixed!r} with model.dtype=float16: float16 gradients underflow "
+                           "without loss scaling; use train.mixed_precision=fp16 (or auto), or model.dtype=bfloat16")
     return replace(cfg, model=replace(m, dtype=dtype),
                    train=replace(t, mixed_precision=mixed, gradient_checkpointing=checkpointing))
 
@@ -273,7 +283,9 @@ def _make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     # accelerate keeps its settings process-wide: a second run in one process (tests, notebooks) with
     # another mixed_precision would be refused. The process/device state (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(cpu=not on_cuda, mixed_precision=cfg.train.mixed_precision,
+    # DDP would broadcast every buffer from process 0 before each forward: all the NF4 codes, which never change.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(cpu=not on_cuda, mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[ddp],
                        log_with=trackers(cfg.train.report_to) or None,
                        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / LOGS)))
 
@@ -449,12 +461,14 @@ def train_loop(s: Session, stop: StopOnSignal) -> None:
         started = time.perf_counter()
         ranks = s.sampler.sample(s.cfg.rank_schedule.ranks_per_step)
         s.drawn += ranks
-        s.adamw.mark_trained(trained_slices(tuple(ranks), s.cfg.adapter.mode))
-        loss, tokens = forward_backward(s, ranks)
+        loss, tokens, trained = forward_backward(s, ranks)
+        s.adamw.mark_trained(trained_slices(tuple(trained), s.cfg.adapter.mode))
         grad_norm = acc.clip_grad_norm_(s.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         skipped = s.guard.skip(s.step + 1, loss, float(grad_norm), acc.scaler is not None, s.run_dir)
         if not skipped:
-            s.optimizer.step()
+            s.optimizer.step()  # with fp16 loss scaling this also updates the scale
+        elif acc.scaler is not None:  # the gradients are unscaled already: the scaler must see this step end
+            acc.scaler.update()
         s.optimizer.zero_grad(set_to_none=True)
         s.scheduler.step()
         s.step, s.tokens = s.step + 1, s.tokens + tokens
@@ -472,21 +486,43 @@ def train_loop(s: Session, stop: StopOnSignal) -> None:
             save_training_checkpoint(s)
 
 
-def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int]:
-    """The step's micro-batches, each at its share of `ranks`; the mean loss and the tokens of all processes."""
+def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int, list[int]]:
+    """The step's micro-batches, each at its share of `ranks`: the step's mean token loss, its tokens (all
+    processes), and the ranks whose rows carried loss tokens on any process (the others trained nothing).
+
+    The loss is the mean over every loss token of the step, as one batch of all its micro-batches and
+    processes would give (loss.py): a mean of micro-batch means would weigh the tokens of short
+    micro-batches more.
+    """
     t, acc = s.cfg.train, s.accelerator
     plan = assign_ranks(ranks, acc.num_processes, t.grad_accum, t.batch_size)[acc.process_index]
-    loss_sum, tokens = torch.zeros((), device=acc.device), 0
-    for micro, rank in enumerate(plan):
-        set_rank(s.model, rank)
-        batch = {name: v.to(acc.device) for name, v in next(s.batches).items()}
-        with (nullcontext() if micro == len(plan) - 1 else acc.no_sync(s.model)), acc.autocast():
-            # No KV cache: with one, transformers would not read packed rows' position restarts.
-            loss = s.model(**batch, use_cache=False).loss / len(plan)
-        acc.backward(loss)
-        loss_sum += loss.detach()
+    micro, tokens = [], 0
+    counts = torch.zeros(s.cfg.adapter.r_max + 1)  # loss tokens of the rows at each rank 0..r_max
+    for rank in plan:
+        batch = next(s.batches)
         tokens += s.batches.last_tokens
-    return acc.reduce(loss_sum, reduction="mean").item(), tokens * acc.num_processes
+        counts.index_add_(0, ranks_of_rows(rank, len(batch["labels"])), loss_tokens(batch["labels"]).float())
+        micro.append((rank, batch))
+    if acc.num_processes > 1:
+        counts = counts.to(acc.device)
+        torch.distributed.all_reduce(counts)
+    total = max(counts.sum().item(), 1.0)  # a step without loss tokens: zero loss, nothing trained
+    loss_sum = torch.zeros((), device=acc.device)
+    for micro_index, (rank, batch) in enumerate(micro):
+        set_rank(s.model, rank)
+        batch = {name: v.to(acc.device) for name, v in batch.items()}
+        labels = batch.pop("labels")
+        # no_sync around backward too: FSDP2 reduces gradients in backward unless told not to.
+        with nullcontext() if micro_index == len(plan) - 1 else acc.no_sync(s.model):
+            with acc.autocast():
+                # No KV cache: with one, transformers would not read packed rows' position restarts.
+                logits = s.model(**batch, use_cache=False).logits
+                # Gradients are averaged over processes, hence the factor: the sum is over the step's tokens.
+                loss = token_losses(logits, labels).sum() * (acc.num_processes / total)
+            acc.backward(loss)
+        loss_sum += loss.detach()
+    trained = [b for b in range(1, len(counts)) if counts[b] > 0]
+    return acc.reduce(loss_sum, reduction="mean").item(), tokens * acc.num_processes, trained
 
 
 def validate(s: Session, ranks: list[int]) -> dict[int, float]:

@@ -17,6 +17,7 @@ from qdylora_cli.adapters.rank import (
     assign_ranks,
     build_rank_sampler,
     ranks_by_module,
+    ranks_of_rows,
     set_chunk_ranks,
     set_rank,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "merge_adapters",
     "rank_scale",
     "ranks_by_module",
+    "ranks_of_rows",
     "set_chunk_ranks",
     "set_rank",
     "trained_slices",

@@ -48,11 +48,11 @@ def trained_slices(ranks: Rank, mode: str) -> list[tuple[int, int]]:
     """The rank slices a step at `ranks` trains, as sorted disjoint [start, stop) ranges of slice indices.
 
     `full`: slices 0..max(ranks)-1. `frozen` (DyLoRA): slice b-1 of each rank b, the lower ones
-    being used but not trained. Rank 0 trains nothing.
+    being used but not trained. Rank 0, or no rank at all, trains nothing.
     """
     ranks = ranks if isinstance(ranks, tuple) else (ranks,)
     if mode == "full":
-        top = max(ranks)
+        top = max(ranks, default=0)
         return [(0, top)] if top > 0 else []
     ranges: list[tuple[int, int]] = []
     for b in sorted(set(ranks) - {0}):
@@ -166,7 +166,7 @@ class DynamicRankLoRA(nn.Module):
             keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout)
         frozen = self.mode == "frozen" and torch.is_grad_enabled()
         h = _dropout_linear(x, A.detach() if frozen else A, keep, self.dropout)
-        columns = self._rank_columns(ranks, top).to(h.dtype) if len(ranks) > 1 else None
+        columns = self._rank_columns(ranks, top) if len(ranks) > 1 else None
         if frozen:  # gradient to A only through column b-1 of a rank-b chunk (the value is unchanged)
             trained = self._slice_columns(ranks, top).to(h.dtype)
             h_a = _dropout_linear(x.detach(), A, keep, self.dropout)
@@ -203,11 +203,10 @@ class DynamicRankLoRA(nn.Module):
             scale = torch.where(torch.tensor(ranks, device=scale.device)[:, None] == 0, 1.0, scale)
         y = _base_forward(self.base, x, weight)
         y = y + delta.to(y.dtype)
-        scale = scale.to(y.dtype)
         out = _per_row(y, scale)
         bias = self.base.bias
         if bias is not None:
-            out = out + _per_row(bias.to(y.dtype).expand_as(y), 1 - scale)
+            out = out + _row_of_chunk((1 - scale) * bias.float(), y).to(y.dtype)
         return out
 
     @torch.no_grad()
@@ -292,6 +291,11 @@ class _DropoutLinear(torch.autograd.Function):
 
     Every adapter of a layer's input (q, k and v; gate and up) would otherwise save its own full copy
     of x; x itself is one tensor they share, and a mask is a byte per value.
+
+    Under autocast the matmul runs in the autocast dtype whatever x and W are (on a GPU a LayerNorm
+    model feeds float32 x to a bf16/fp16 step), but backward runs outside autocast: it computes in
+    the dtype of `grad` (the forward matmul's), as autograd would for the casts and the linear this
+    replaces, and returns each gradient in its input's dtype.
     """
 
     @staticmethod
@@ -305,9 +309,10 @@ class _DropoutLinear(torch.autograd.Function):
         x, weight, keep = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight) * keep * ctx.scale
+            grad_x = (grad @ weight.to(grad.dtype)).to(x.dtype) * keep * ctx.scale
         if ctx.needs_input_grad[1]:
-            grad_w = grad.flatten(0, -2).T @ (x * keep * ctx.scale).flatten(0, -2)
+            dropped = (x * keep * ctx.scale).to(grad.dtype)
+            grad_w = (grad.flatten(0, -2).T @ dropped.flatten(0, -2)).to(weight.dtype)
         return grad_x, grad_w, None, None
 
 
@@ -316,10 +321,41 @@ def _per_row(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
     Row j belongs to chunk ⌊j·k/N⌋: chunk sizes differ by at most one, and a batch of fewer than k
     rows (the short last batch of an epoch) leaves some ranks without rows. Evaluation repeats its
-    batch k times, which gives k exact copies.
+    batch k times, which gives k exact copies. A float32 `rows` (a scale s(b), DoRA's m/n) multiplies
+    a bf16/fp16 `t` in float32, rounded once, as `t * s` with a Python float is: rounding the factor
+    first would shift a whole rank's update by up to 0.4%.
     """
+    factor = _row_of_chunk(rows, t)
+    if factor.dtype == t.dtype:
+        return t * factor
+    return _MulRounded.apply(t, factor)
+
+
+def chunk_of_rows(n: int, k: int, device: torch.device | None = None) -> torch.Tensor:
+    """The chunk (0..k-1) of each of a batch's n rows when the batch runs at k ranks: row j is in ⌊j·k/n⌋."""
+    return torch.arange(n, device=device) * k // n
+
+
+def _row_of_chunk(rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`rows` (k, n) as a factor broadcasting over `t` (N, ..., n): batch row j gets its chunk's row."""
     k, n = rows.shape[0], t.shape[0]
     if k == 1:
-        return t * rows[0]
-    chunk = torch.arange(n, device=rows.device) * k // n
-    return t * rows[chunk].view(n, *([1] * (t.dim() - 2)), -1)
+        return rows[0]
+    return rows[chunk_of_rows(n, k, rows.device)].view(n, *([1] * (t.dim() - 2)), -1)
+
+
+class _MulRounded(torch.autograd.Function):
+    """`t * factor` computed in float32 and returned in t's dtype, saving only t and factor for backward
+    (a float32 copy of t would double what a DoRA layer keeps for backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(t if ctx.needs_input_grad[1] else None, factor)
+        return (t.float() * factor).to(t.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        t, factor = ctx.saved_tensors
+        grad_t = (grad.float() * factor).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_factor = (grad.float() * t.float()).sum_to_size(factor.shape) if ctx.needs_input_grad[1] else None
+        return grad_t, grad_factor

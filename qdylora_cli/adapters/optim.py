@@ -61,19 +61,40 @@ class RankAwareAdamW(torch.optim.Optimizer):
         self.trained: list[tuple[int, int]] | None = None
 
     def mark_trained(self, slices: Slices) -> None:
-        """The slices ([start, stop) ranges) the coming `step()` updates."""
+        """The slices ([start, stop) ranges) the coming `step()` updates; none (an empty list): nothing moves."""
         self.trained = list(slices)
 
+    def _ranges(self, p: torch.Tensor, dim: int | None) -> list[tuple[int, int]]:
+        """The trained [start, stop) slice ranges of `p` in global indices; for dim None, [(0, 1)] or []."""
+        if self.trained is None:
+            return [(0, 1 if dim is None else p.shape[dim])]
+        if dim is None:  # trained by every step that trained any slice
+            return [(0, 1)] if self.trained else []
+        return self.trained
+
+    def _count(self, p: torch.Tensor, dim: int | None, steps: torch.Tensor) -> None:
+        """One more step for every trained slice, this process's or not: under FSDP2 each process holds
+        only some rows of A but the same counts for all of them, so any process's copy (the one a full
+        optimizer state dict saves) is right for every row."""
+        for start, stop in self._ranges(p, dim):
+            if dim is None:
+                steps.add_(1.0)
+            elif dim == 0:
+                steps[start:stop].add_(1.0)
+            else:
+                steps[:, start:stop].add_(1.0)
+
     def _views(self, p: torch.Tensor, dim: int | None, state: dict[str, torch.Tensor]) -> Iterator[tuple]:
-        """(param, grad, exp_avg, exp_avg_sq, step count) views of every trained slice range of `p`."""
+        """(param, grad, exp_avg, exp_avg_sq, step count) views of every trained slice range of `p` held here."""
         tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
         steps = state["slice_steps"]
         if dim is None:
-            yield (*tensors, steps)
+            if self._ranges(p, dim):
+                yield (*tensors, steps)
             return
         offset = _first_local_row(p) if dim == 0 else 0
         held = tensors[0].shape[0] if dim == 0 else p.shape[1]
-        for start, stop in self.trained if self.trained is not None else [(0, p.shape[dim])]:
+        for start, stop in self._ranges(p, dim):
             lo, hi = max(start, offset), min(stop, offset + held)
             if lo >= hi:
                 continue
@@ -100,6 +121,7 @@ class RankAwareAdamW(torch.optim.Optimizer):
                     # One count per slice, shaped to broadcast over it: (r, 1) for A, (1, r) for B.
                     shape = () if dim is None else (p.shape[0], 1) if dim == 0 else (1, p.shape[1])
                     state["slice_steps"] = torch.zeros(shape, dtype=torch.float32, device=_local(p).device)
+                self._count(p, dim, state["slice_steps"])
                 views += self._views(p, dim, state)
             if views:
                 _adamw(*map(list, zip(*views, strict=True)), group)
@@ -108,9 +130,9 @@ class RankAwareAdamW(torch.optim.Optimizer):
 
 
 def _adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list, group: dict) -> None:
-    """One AdamW update of every view, each with the bias correction of its own slices' step counts."""
+    """One AdamW update of every view, each with the bias correction of its own slices' step counts
+    (already counting this step)."""
     lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    torch._foreach_add_(steps, 1.0)
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)

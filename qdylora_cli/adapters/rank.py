@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdylora_cli.adapters.lora import DynamicRankLoRA, Rank, check_rank
+from qdylora_cli.adapters.lora import DynamicRankLoRA, Rank, check_rank, chunk_of_rows
 from qdylora_cli.errors import QdyloraError
 
 
@@ -49,6 +49,12 @@ def set_rank(model: nn.Module, rank: Rank | Mapping[str, Rank]) -> None:
     checked = {name: check_rank(ranks[name], adapter.r_max) for name, adapter in adapters.items()}
     for name, adapter in adapters.items():
         adapter.rank = checked[name]
+
+
+def ranks_of_rows(rank: Rank, n: int) -> torch.Tensor:
+    """The rank each row of an n-row batch runs at when the batch runs at `rank` (one rank, or one per chunk)."""
+    ranks = rank if isinstance(rank, tuple) else (rank,)
+    return torch.tensor(ranks)[chunk_of_rows(n, len(ranks))]
 
 
 def set_chunk_ranks(model: nn.Module, choices: Sequence[int | Mapping[str, int]]) -> None:
