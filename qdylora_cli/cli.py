@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import logging
 import os
 import re
 import subprocess
@@ -43,7 +44,9 @@ from qdylora_cli.config import (
 from qdylora_cli.errors import Interrupted, QdyloraError, first_line, is_out_of_memory
 from qdylora_cli.helptext import conf_comments, key_rows, key_table
 from qdylora_cli.logs import quiet_libraries, setup_logging
-from qdylora_cli.rundir import CONFIG, load_eval_source, load_run_config
+from qdylora_cli.rundir import CONFIG, NAME_A_RUN, last_run, load_eval_source, load_run_config
+
+log = logging.getLogger(__name__)
 
 COMMANDS = {
     "train": "fine-tune a model: one run trains every adapter rank 1..r_max",
@@ -60,6 +63,7 @@ REFERENCE_OPTIONS = {"model": "hf", "data": "alpaca", "quant": "nf4", "rank_sche
 # Free text, never Hydra syntax: `prompt=What's 3, plus 4?` is kept as typed (see _text_overrides).
 TEXT_KEYS = {"generate": ("prompt", "input")}
 _RECIPE = re.compile(r"^\+{0,2}recipe=(.*)$")
+_NAMES_RUN = re.compile(r"^[+~]{0,2}(run_dir|name)(=|$)")  # with +recipe=NAME: a command line that names its run
 
 
 # --- where configs live ------------------------------------------------------------------------------
@@ -198,7 +202,8 @@ def compose_config(
 ) -> TrainConfig | EvalConfig | ExportConfig | GenerateConfig | AllocateConfig:
     """The validated, typed config of `qdylora COMMAND OVERRIDES...` (nothing heavy is imported).
 
-    For eval, export and generate, `+recipe=NAME` only names the run: its run_dir becomes the default.
+    For eval, export, generate and allocate, `+recipe=NAME` only names the run: its run_dir becomes the
+    default. Where neither it, run_dir= nor name= is given, they open the run trained last (see `last_run`).
     """
     if command not in COMMANDS:
         raise QdyloraError(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
@@ -221,6 +226,11 @@ def compose_config(
         run_dir = to_typed("train", _compose_raw("train", [f"+recipes={recipe}"], config_dir)[0]).run_dir
         overrides = [f"run_dir={_quote(run_dir)}", *overrides]
     node = _compose_raw(command, overrides, config_dir)[0]
+    if not recipe and not any(_NAMES_RUN.match(o) for o in overrides):
+        # `runs/default` is only a placeholder: the run to read is the one just trained, in the same folder
+        run_dir, why = last_run(Path(node.run_dir).parent)
+        node.run_dir = str(run_dir)
+        log.info("%s: opening %s (%s); to open another, %s", command, run_dir, why, NAME_A_RUN)
     if command == "export":
         allocation_stands_for_rank(node)
     cfg = to_typed(command, node)

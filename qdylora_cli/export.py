@@ -1,21 +1,23 @@
 """`qdylora export`: one rank of a dynamic-rank run as a standard PEFT adapter or a merged model.
 
 Rank b of a DyLoRA adapter is just its first b slices, `A[:b]` and `B[:, :b]`, scaled by s(b):
-exactly a LoRA adapter with `r=b` and the `lora_alpha` (and `use_rslora`) that make PEFT compute
-s(b). So a PEFT export needs no model at all, only the saved factors. A merged export rebuilds the
+exactly a plain LoRA adapter with `r=b` and `lora_alpha = s(b)·b`, so that lora_alpha/r is s(b)
+under every adapter.scale. Never `use_rslora`: llama.cpp's convert_lora_to_gguf.py ignores it (as
+TensorRT-LLM and vLLM once did) and applies lora_alpha/r, so with plain fields every runtime
+computes s(b).
+So a PEFT export needs no model at all, only the saved factors. A merged export rebuilds the
 run, adds rank b's delta to the dequantized base weights and saves a plain Hugging Face model. A
 run trained on chat data also exports its tokenizer with the chat template it was trained with.
 
 `allocation=PATH` exports a rank per module instead (allocation.py): PEFT gets `rank_pattern` for the
-modules whose rank differs from `r`, `alpha_pattern` where `lora_alpha` depends on the rank, and no
-adapter at all on rank-0 modules.
+modules whose rank differs from `r`, `alpha_pattern` for those whose s(b)·b differs from `lora_alpha`
+(every scale but alpha_over_rank), and no adapter at all on rank-0 modules.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -27,7 +29,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
-from qdylora_cli.adapters import merge_adapters, ranks_by_module
+from qdylora_cli.adapters import merge_adapters, rank_scale, ranks_by_module
 from qdylora_cli.allocation import allocation_params, read_allocation, run_module_shapes
 from qdylora_cli.chat import resolve_template
 from qdylora_cli.config import ExportConfig, TrainConfig, is_chat
@@ -59,16 +61,23 @@ def export_dir(cfg: ExportConfig, params: int | None = None) -> Path:
     return Path(cfg.run_dir) / EXPORT / f"{name}-{cfg.format}"
 
 
-def peft_alpha(scale: str, alpha: float, r_max: int, b: int) -> tuple[float, bool]:
-    """(lora_alpha, use_rslora) for which PEFT's scale at r=b is our s(b).
+# vLLM refuses an adapter whose rank is above its --max-lora-rank, which must be one of these.
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
-    PEFT scales by lora_alpha/r, or lora_alpha/√r with use_rslora.
+
+def peft_lora_alpha(scale: str, alpha: float, r_max: int, b: int) -> float:
+    """The `lora_alpha` of a plain LoRA with r=b whose scale lora_alpha/r is our s(b): s(b)·b.
+
+    `alpha_over_rank` gives α itself (what s(b)·b is, without its rounding), the same at every rank.
     """
     if scale == "alpha_over_rank":
-        return alpha, False
-    if scale == "rank_stabilized":  # α/√(r_max·b) = (α/√r_max)/√b
-        return alpha / math.sqrt(r_max), True
-    return alpha * b / r_max, False  # constant: α/r_max = (α·b/r_max)/b
+        return float(alpha)
+    return rank_scale(scale, alpha, r_max, b) * b
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM accepts for an adapter of rank `rank`; None above all of them."""
+    return next((cap for cap in VLLM_MAX_LORA_RANKS if cap >= rank), None)
 
 
 def peft_module_pattern(name: str) -> str:
@@ -85,9 +94,10 @@ def peft_adapter(
 ) -> tuple[dict, dict]:
     """(PEFT state dict, adapter_config.json contents) of rank `rank` of a saved dynamic-rank adapter.
 
-    `rank` may be a rank per module (an allocation): `r` is then the most common rank, `rank_pattern`
-    names the modules at other ranks, `alpha_pattern` those whose `lora_alpha` differs (scale
-    `constant`), and modules at rank 0 get no adapter.
+    Plain LoRA fields only (`use_rslora` false): lora_alpha/r is s(r). `rank` may be a rank per
+    module (an allocation): `r` is then the most common rank, `rank_pattern` names the modules at
+    other ranks, `alpha_pattern` those whose s(b)·b differs from `lora_alpha` (any scale but
+    alpha_over_rank), and modules at rank 0 get no adapter.
     """
     ranks = ranks_by_module(meta["target_modules"], rank)
     adapted = [name for name in meta["target_modules"] if ranks[name] > 0]
@@ -101,12 +111,12 @@ def peft_adapter(
             state[f"{key}.lora_magnitude_vector"] = weights[f"{name}.magnitude"]
     # The most common rank (the larger on a tie) is `r`; the others go to the patterns.
     r = max(Counter(ranks[name] for name in adapted).most_common(), key=lambda rc: (rc[1], rc[0]))[0]
-    lora_alpha, rslora = peft_alpha(scale, meta["alpha"], meta["r_max"], r)
+    lora_alpha = peft_lora_alpha(scale, meta["alpha"], meta["r_max"], r)
     rank_pattern, alpha_pattern = {}, {}
     for name in adapted:
         if ranks[name] != r:
             rank_pattern[peft_module_pattern(name)] = ranks[name]
-            alpha = peft_alpha(scale, meta["alpha"], meta["r_max"], ranks[name])[0]
+            alpha = peft_lora_alpha(scale, meta["alpha"], meta["r_max"], ranks[name])
             if alpha != lora_alpha:
                 alpha_pattern[peft_module_pattern(name)] = alpha
     config = {
@@ -120,7 +130,7 @@ def peft_adapter(
         "lora_dropout": 0.0,
         "target_modules": adapted,  # full module names: matches exactly these layers
         "use_dora": meta["variant"] == "dora",
-        "use_rslora": rslora,
+        "use_rslora": False,  # lora_alpha/r already is s(b); runtimes that ignore this field agree
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -137,7 +147,19 @@ def _with_chat_template(run_cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase
     return tokenizer
 
 
-def _export_peft(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) -> None:
+def serving_note(config: Mapping[str, Any]) -> str:
+    """What vLLM needs to serve the adapter `config` describes: `--max-lora-rank` covering its largest rank."""
+    if config["use_dora"]:
+        return "vLLM does not serve DoRA adapters"
+    top = max([config["r"], *config["rank_pattern"].values()])
+    cap = vllm_max_lora_rank(top)
+    if cap is None:
+        return f"vLLM cannot serve it: rank {top} is above its largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})"
+    return f"serve it with vLLM --max-lora-rank {cap} or more (its largest rank is {top})"
+
+
+def _export_peft(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) -> str:
+    """Writes the adapter; returns its serving note."""
     weights, meta = load_adapter(Path(cfg.run_dir) / ADAPTER)
     state, config = peft_adapter(weights, meta, rank)
     if meta["base_model"] == BASE_MODEL:  # built from a config: the run keeps the model it trained on
@@ -150,6 +172,7 @@ def _export_peft(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) ->
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    return serving_note(config)
 
 
 def _export_merged(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) -> None:
@@ -192,8 +215,8 @@ def run(cfg: ExportConfig) -> Path:
     check_writable(out, "out_dir")
     note_if_training(Path(cfg.run_dir))
     if cfg.format == "peft":
-        _export_peft(cfg, out, rank)
-        hint = f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})"
+        note = _export_peft(cfg, out, rank)
+        hint = f"peft.PeftModel.from_pretrained(base_model, {str(out)!r}); {note}"
     else:
         _export_merged(cfg, out, rank)
         hint = f"AutoModelForCausalLM.from_pretrained({str(out)!r})"

@@ -12,6 +12,10 @@ while it is built (only parameters go to `meta`), exactly as a regular load does
 Checkpoints quantized by bitsandbytes (`quantization_config` with `load_in_4bit` and `nf4`) are
 read without dequantizing: NF4Linear's state dict has the layout of `bnb.nn.Linear4bit`.
 
+Checkpoint keys are renamed as `from_pretrained` renames them (`checkpoint_key_renamer`): with
+transformers' own mapping of each architecture, so a checkpoint whose names differ from the
+module's (GPT-NeoX's `embed_out` is the module's `lm_head` in transformers 5) loads all the same.
+
 `fill_model` takes any stream of (name, tensor) pairs, so the benchmarks build huge random
 models through the same code, one tensor at a time.
 """
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -150,6 +155,49 @@ def build_skeleton(config: PretrainedConfig, *, dtype: torch.dtype, trust_remote
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **dtype_kwarg(dtype))
 
 
+# --- checkpoint names ------------------------------------------------------------------------------------
+
+# A checkpoint key -> (the key transformers would load it as, the source pattern of the WeightConverter
+# that would have to combine it with other tensors, or None).
+KeyRenamer = Callable[[str], tuple[str, str | None]]
+
+
+def checkpoint_key_renamer(model: PreTrainedModel) -> KeyRenamer:
+    """How `from_pretrained` renames the checkpoint keys of `model`, one key at a time.
+
+    transformers 5 keeps a mapping per architecture (`get_model_conversion_mapping`): renamings (GPT-NeoX
+    checkpoints' `embed_out` is the module's `lm_head`, legacy `LayerNorm.gamma`, ...) and converters that
+    build one parameter from several tensors (Mixtral's per-expert weights into one stacked tensor).
+    Using that mapping rather than a table of ours keeps every architecture transformers knows loadable.
+    transformers 4 has no such module: its modules and checkpoints share names, except for classes
+    that declare `_checkpoint_conversion_mapping` (regex -> replacement, the first match applies, as
+    in 4.x's `from_pretrained`).
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4.x
+        legacy = dict(getattr(model, "_checkpoint_conversion_mapping", None) or {})
+
+        def rename_4x(key: str) -> tuple[str, str | None]:
+            for pattern, replacement in legacy.items():
+                renamed, count = re.subn(pattern, replacement, key)
+                if count:
+                    return renamed, None
+            return key, None
+
+        return rename_4x
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def rename_5x(key: str) -> tuple[str, str | None]:
+        return rename_source_key(key, renamings, converters)
+
+    return rename_5x
+
+
 # --- filling it ----------------------------------------------------------------------------------------
 
 
@@ -186,10 +234,11 @@ class _Filler:
         self.packed: dict[str, dict[str, torch.Tensor]] = {}  # layer -> its bitsandbytes parts so far
         self.keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
         self.unexpected: list[str] = []
+        self.rename = checkpoint_key_renamer(model)
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         part = next((s for s in BNB_PARTS if key.endswith(".weight" + s)), None)
-        name = self._resolve(key[: -len(part)] if part else key)
+        name = self._name(key[: -len(part)] if part else key)
         if name is None:
             self.unexpected.append(key)
             return
@@ -225,6 +274,24 @@ class _Filler:
             for attr, b in buffer_owner._buffers.items():
                 if b is not None and b.device != self.device:
                     buffer_owner._buffers[attr] = b.to(self.device)
+
+    def _name(self, key: str) -> str | None:
+        """The parameter or buffer `key` fills: transformers' renaming of the key first, then our prefix
+        resolution. A key the model has as it is stays itself when its renaming names nothing, as in
+        `from_pretrained` (so in-memory state dicts, which use module names, pass through too)."""
+        renamed, converter = self.rename(key)
+        name = self._resolve(renamed)
+        if name is None and (as_is := self._resolve(key)) is not None:
+            name, converter = as_is, None
+        if converter is not None:
+            # A converter merges several checkpoint tensors into one parameter (or splits one): the
+            # stream sees one tensor at a time and could only hold them all, defeating its purpose.
+            raise QdyloraError(
+                f"{self.model.config.model_type} checkpoints cannot be streamed: transformers builds "
+                f"{renamed!r} from several tensors ({key!r} matches {converter!r}), and qdylora loads one tensor "
+                "at a time"
+            )
+        return name
 
     def _resolve(self, key: str) -> str | None:
         """The model's name for `key`; checkpoints of the bare base model lack its prefix (`model.`)."""

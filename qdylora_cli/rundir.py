@@ -13,6 +13,11 @@ Every directory is written under a temporary name and renamed into place, so a c
 never leaves a half-written directory where a good one was; each carries a manifest of SHA-256
 sums, and a checkpoint whose files do not match it is skipped in favour of the previous one.
 
+Beside the run directories, in their parent folder (`runs/`):
+
+    last_run.json   {"run": NAME, "started": TIME}: the run `qdylora train` started (or resumed) last,
+                    so that eval, export, generate and allocate open it when no run is named
+
 Training holds an OS lock (`flock`) on the run directory itself for as long as it runs. The
 kernel drops the lock when the process ends, however it ends (SIGKILL included), so a lock is
 never stale. `lock.json` beside it names the holder (PID, host, start, command) so that a second
@@ -55,6 +60,7 @@ MANIFEST = "manifest.json"  # in every directory written atomically: the SHA-256
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"  # in adapter/ and each checkpoint
 TRAINER_STATE = "trainer_state.json"  # in each checkpoint: step, data position, CPU threads, readable without torch
 EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run it came from
+LAST_RUN = "last_run.json"  # in the runs' parent folder: the name of the run trained last
 # Keys a resumed run may change: the rest defines what is trained, and changing it would mix two runs.
 # The seed and the shape of a step fix the order of the batches, and the saved data position counts in it.
 RESUMABLE = ("train.", "launcher.", "run_dir", "name", "overwrite")
@@ -368,7 +374,9 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     """The typed train config a run was made with (paths are not re-checked: eval may run elsewhere)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise QdyloraError(f"{run_dir} is not a qdylora run directory (it has no config.yaml)")
+        beside = runs_in(Path(run_dir).parent)  # a mistyped name: say which ones would do
+        listed = f"; {Path(run_dir).parent}/ holds {', '.join(p.name for p in beside)}" if beside else ""
+        raise QdyloraError(f"{run_dir} is not a qdylora run directory (it has no config.yaml){listed}")
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # any YAML problem is the file's fault
@@ -418,3 +426,55 @@ def load_eval_source(path: str | Path) -> tuple[TrainConfig, int | None]:
         raise QdyloraError(f"{path} is a merged export of an allocation (a rank per layer), not of one rank: its loss "
                            "is in the allocation's summary.json (qdylora allocate)")
     return _saved_train_config(info["run_config"]), int(info["rank"])
+
+
+# --- the run trained last --------------------------------------------------------------------------
+
+NAME_A_RUN = "name one with +recipe=NAME or run_dir=PATH"
+
+
+def record_last_run(run_dir: str | Path) -> None:
+    """Write `last_run.json` beside `run_dir`, so that eval, export, generate and allocate open this run
+    when no run is named. Only its name is kept: a runs folder that is moved or copied keeps its record."""
+    run_dir = Path(os.path.abspath(run_dir))  # abspath, not resolve: a symlinked runs folder keeps its names
+    record = run_dir.parent / LAST_RUN
+    try:
+        atomic_write_text(record, json.dumps({"run": run_dir.name, "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    except OSError as e:  # a convenience: the run trains without it, and the newest config.yaml stands in for it
+        log.warning("could not write %s (%s): eval and export without run_dir= may open another run", record,
+                    e.strerror)
+
+
+def runs_in(folder: str | Path) -> list[Path]:
+    """The runs directly in `folder` (the folders with a config.yaml), by name; none if there is no folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p / CONFIG).is_file())
+
+
+def _recorded_run(folder: Path) -> str | None:
+    """The name in `folder`'s last_run.json; None if it is missing, unreadable or not a plain name."""
+    try:
+        name = json.loads((folder / LAST_RUN).read_text())["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # a name, never a path: a record cannot send a command out of its folder
+    return name if isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name else None
+
+
+def last_run(folder: str | Path) -> tuple[Path, str]:
+    """The run in `folder` trained last, and why that one: the run last_run.json names while it is still a
+    run, else (runs trained before qdylora kept the record) the one whose config.yaml is newest."""
+    folder = Path(folder)
+    runs, record, name = runs_in(folder), folder / LAST_RUN, _recorded_run(folder)
+    if name is not None and (folder / name / CONFIG).is_file():
+        return folder / name, f"the run trained last, per {record}"
+    if not runs:
+        gone = f"{record} names {folder / name}, which is gone, and " if name else ""
+        raise QdyloraError(f"no run to open: {gone}{folder}/ holds no run (a folder with a config.yaml); train one "
+                           f"with `qdylora train +recipe=NAME`, or {NAME_A_RUN}")
+    why = (f"{record} names {name}, which is not a run" if name else
+           f"{record} is unreadable" if record.exists() else f"no {record}")
+    newest = max(runs, key=lambda p: ((p / CONFIG).stat().st_mtime_ns, p.name))
+    return newest, f"the run whose config.yaml is newest; {why}"

@@ -13,6 +13,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
@@ -82,6 +83,7 @@ from qdylora_cli.rundir import (
     clear_old_run,
     latest_good_checkpoint,
     prepare_run_dir,
+    record_last_run,
     save_adapter,
     save_checkpoint,
     save_config,
@@ -407,6 +409,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
         log.info("resuming from %s (step %d)", resume_from, session.step)
     if main:
         save_config(cfg, run_dir / CONFIG)
+        record_last_run(run_dir)  # after config.yaml: eval and export without a run name open this run
     session.reporter = Reporter(cfg, run_dir, accelerator, session.step, max_steps)
     return session
 
@@ -470,7 +473,9 @@ def train_loop(s: Session, stop: StopOnSignal) -> None:
         elif acc.scaler is not None:  # the gradients are unscaled already: the scaler must see this step end
             acc.scaler.update()
         s.optimizer.zero_grad(set_to_none=True)
-        s.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule: the rate is a function of the step
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+            s.scheduler.step()
         s.step, s.tokens = s.step + 1, s.tokens + tokens
         record = {"step": s.step, "loss": loss, "ranks": ranks, "lr": s.scheduler.get_last_lr()[0], "tokens": s.tokens,
                   "tokens_per_s": round(tokens / (time.perf_counter() - started), 1),

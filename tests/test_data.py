@@ -250,6 +250,18 @@ def test_group_by_length_batches_similar_lengths():
         batch_order(10, 2, 0, 0, group_by_length=True)
 
 
+def test_group_by_length_does_not_give_the_first_chunk_the_longest_rows():
+    """A step's ranks take the rows of a batch in order (chunk 0: the lowest rank); sorted batches gave the
+    lowest rank the longest examples at every step."""
+    lengths = [(i * 37) % 500 + 1 for i in range(2000)]
+    grouped = batch_order(2000, 8, seed=0, epoch=0, group_by_length=True, lengths=lengths)
+    first_half = sum(lengths[i] for b in grouped for i in b[:4])
+    second_half = sum(lengths[i] for b in grouped for i in b[4:])
+    assert abs(first_half / second_half - 1) < 0.01
+    longest_first = sum(lengths[b[0]] == max(lengths[i] for i in b) for b in grouped) / len(grouped)
+    assert longest_first < 0.3  # 1/8 by chance
+
+
 # --- tokenizers without pad; real data -----------------------------------------------------------------
 
 

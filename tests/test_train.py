@@ -138,3 +138,68 @@ def test_stories260k_on_shakespeare_validation_loss_falls(tmp_path, stories260k,
     train.run(cfg)
     curve = _val(run_dir, 8)
     assert curve[-1] < curve[0] - 0.2, curve
+
+
+# --- what one optimizer step computes -------------------------------------------------------------
+
+
+def test_every_loss_token_of_a_step_weighs_the_same_across_micro_batches(tmp_path):
+    """grad_accum=2 with micro-batches of different lengths: the gradient is that of the per-token mean
+    over both, as one batch of all their rows gives; a mean of the two micro-batch means is not."""
+    from contextlib import ExitStack
+
+    from qdylora_cli.adapters import set_rank
+    from qdylora_cli.data import collate
+    from qdylora_cli.loss import token_losses
+
+    cfg = _tiny(tmp_path / "run", "train.grad_accum=2", "train.batch_size=2", "adapter.dropout=0",
+                "rank_schedule=fixed", "rank_schedule.ranks_per_step=1", "train.mixed_precision=no")
+    with ExitStack() as cleanup:
+        s = train.setup(cfg, cleanup)
+        for adapter in s.model.modules():  # B = 0 would give A no gradient
+            if hasattr(adapter, "lora_B"):
+                torch.nn.init.normal_(adapter.lora_B, std=0.02)
+        position = s.batches.state_dict()
+        train.forward_backward(s, [8])
+        grads = {n: p.grad.clone() for n, p in s.model.named_parameters() if p.requires_grad}
+        s.model.zero_grad(set_to_none=True)
+
+        s.batches.load_state_dict(position)
+        rows = [s.batches.examples[i] for batch in s.batches._order[:2] for [i] in batch]
+        micro = [collate(rows[:2], 0), collate(rows[2:], 0)]
+        tokens = [(m["labels"][:, 1:] != -100).sum().item() for m in micro]
+        assert tokens[0] != tokens[1], "the test needs micro-batches of different sizes"
+        whole = collate(rows, s.batches.pad_id)
+        set_rank(s.model, 8)
+        logits = s.model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"]).logits
+        (token_losses(logits, whole["labels"]).sum() / sum(tokens)).backward()
+        for name, p in s.model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_rank_whose_rows_carry_no_loss_trains_nothing(tmp_path, monkeypatch):
+    """Step 2's rank-8 rows have no loss tokens (all masked, as a chunk of a short batch without rows):
+    slices 3..8 got no gradient and must not move with Adam's momentum from step 1."""
+    monkeypatch.setattr(train.RankSampler, "sample", lambda self, k=1: [2, 8])
+    real_next = train.BatchStream.__next__
+    calls = [0]
+
+    def masked(self):
+        batch = real_next(self)
+        calls[0] += 1
+        if calls[0] == 2:
+            batch["labels"][1:] = -100  # the second row: the rank-8 chunk
+        return batch
+
+    monkeypatch.setattr(train.BatchStream, "__next__", masked)
+    run_dir = tmp_path / "run"
+    train.run(_tiny(run_dir, "train.max_steps=2", "train.save_every=1", "train.batch_size=2",
+                    "rank_schedule.ranks_per_step=2", "adapter.dropout=0"))
+    after_1 = load_file(str(run_dir / "checkpoints" / "step-1" / "adapter.safetensors"))
+    after_2 = load_file(str(run_dir / "adapter" / "adapter.safetensors"))
+    moved = [k for k in after_1 if k.endswith("lora_B") and not after_1[k][:, 2:].equal(after_2[k][:, 2:])]
+    assert not moved, moved[:3]
+    assert any(not after_1[k][:, :2].equal(after_2[k][:, :2]) for k in after_1 if k.endswith("lora_B"))
+    records = _metrics(run_dir)
+    assert records[1]["ranks"] == [2, 8] and "skipped" not in records[1]
