@@ -315,7 +315,7 @@ def help_epilog(command: str | None, config_dir: str | Path | None = None) -> st
             "  qdylora train +recipe=tiny adapter.r_max=16 train.max_steps=100 run_dir=runs/r16",
             "  qdylora train model=hf model.name_or_path=./my-model data=json data.path=train.jsonl",
             "  qdylora train model=hf model.name_or_path=./my-model data=chat data.path=chat.jsonl data.packing=true",
-            "  qdylora eval +recipe=tiny rank=1..8",
+            "  qdylora eval rank=1..8                 # the run trained last; +recipe=NAME or run_dir=PATH: another",
             "  qdylora generate +recipe=tiny rank=[1,4,8] prompt='Reverse the word.' input=star",
             "  qdylora export +recipe=tiny rank=4 format=merged",
             "",

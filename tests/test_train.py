@@ -203,3 +203,26 @@ def test_a_rank_whose_rows_carry_no_loss_trains_nothing(tmp_path, monkeypatch):
     assert any(not after_1[k][:, :2].equal(after_2[k][:, :2]) for k in after_1 if k.endswith("lora_B"))
     records = _metrics(run_dir)
     assert records[1]["ranks"] == [2, 8] and "skipped" not in records[1]
+
+
+def test_micro_batches_but_the_last_run_backward_without_gradient_sync(tmp_path, monkeypatch):
+    """FSDP2 reduces gradients during backward unless `no_sync` is still in force then (DDP decides at
+    forward): every backward but the step's last must run inside it."""
+    from contextlib import ExitStack, contextmanager
+
+    with ExitStack() as cleanup:
+        s = train.setup(_tiny(tmp_path / "run", "train.grad_accum=3", "train.batch_size=1",
+                              "rank_schedule.ranks_per_step=1"), cleanup)
+        syncing, seen = [True], []
+
+        @contextmanager
+        def no_sync(model):
+            syncing[0] = False
+            yield
+            syncing[0] = True
+
+        real_backward = s.accelerator.backward
+        monkeypatch.setattr(s.accelerator, "no_sync", no_sync)
+        monkeypatch.setattr(s.accelerator, "backward", lambda loss, **kw: (seen.append(syncing[0]), real_backward(loss, **kw)))
+        train.forward_backward(s, [8])
+    assert seen == [False, False, True]
