@@ -1,53 +1,61 @@
-"""CUDA's autocast dtype policy, reproduced on another device (the CPU): what a GPU step would compute in.
+"""CUDA's autocast dtype policy, reproduced on the CPU: the dtypes a GPU step would compute in.
 
 CPU autocast casts the same matmuls as CUDA's to the low dtype, but CUDA also runs a list of ops
 in float32 that CPU autocast leaves in bf16/fp16: normalisations, softmax, exp/log/pow, sums. The
 difference changes dtypes inside a step: on a GPU a model with `nn.LayerNorm` (Falcon, GPT-NeoX,
 Phi) feeds float32 activations to the next linear layer under a bf16/fp16 step, on a CPU it does
-not. `CudaAutocastPolicy` applies CUDA's float32 list on top of the device's own autocast, so
-tests (and `qdylora plan`, which runs a step on fake CPU tensors) see the dtypes a GPU would.
+not. `CudaAutocastPolicy` adds CUDA's float32 rule for those ops to CPU autocast, so tests (and a
+step run on fake CPU tensors to measure a GPU's memory) see the dtypes a GPU would.
 
-The list is PyTorch's documented "CUDA ops that can autocast to float32". As on CUDA, an op called
-with an explicit `dtype=` is left alone, and in-place and `out=` variants are never cast.
+The rule is registered with the dispatcher under the AutocastCPU key, exactly where autocast's own
+casts live: it applies wherever CPU autocast is on (also when backward recomputes a checkpointed
+layer) and nowhere else. The ops are those of PyTorch's "CUDA ops that can autocast to float32"
+that CPU autocast does not already run in float32. As on CUDA, a call with an explicit dtype is
+left alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
-FLOAT32_OPS = frozenset({
-    "__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin", "binary_cross_entropy_with_logits",
-    "cosh", "cosine_embedding_loss", "cdist", "cosine_similarity", "cross_entropy", "cumprod", "cumsum",
-    "dist", "erfinv", "exp", "expm1", "group_norm", "hinge_embedding_loss", "kl_div", "l1_loss", "layer_norm",
-    "log", "log_softmax", "log10", "log1p", "log2", "margin_ranking_loss", "mse_loss",
-    "multilabel_margin_loss", "multi_margin_loss", "nll_loss", "norm", "normalize", "pdist",
-    "poisson_nll_loss", "pow", "prod", "reciprocal", "rsqrt", "sinh", "smooth_l1_loss", "soft_margin_loss",
-    "softmax", "softmin", "softplus", "sum", "renorm", "tan", "triplet_margin_loss",
-})
+FLOAT32_OPS = (
+    "layer_norm", "group_norm", "softmax.int", "log_softmax.int", "exp", "expm1", "log", "log1p", "log2", "log10",
+    "reciprocal", "rsqrt", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "sum",
+    "sum.dim_IntList", "cumsum", "cumprod", "linalg_vector_norm", "norm.Scalar", "norm.ScalarOpt_dim", "acos",
+    "asin", "cosh", "sinh", "tan", "erfinv", "cosine_similarity", "dist", "pdist", "renorm", "logsumexp",
+    "frobenius_norm.dim", "nuclear_norm",
+)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class CudaAutocastPolicy(TorchFunctionMode):
-    """While autocast is on for `device_type`, run CUDA's float32-list ops in float32 (inputs upcast)."""
+def _upcast(value: Any) -> Any:
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype in LOW_PRECISION else value
 
-    def __init__(self, device_type: str = "cpu") -> None:
-        super().__init__()
-        self.device_type = device_type
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if (getattr(func, "__name__", None) not in FLOAT32_OPS or kwargs.get("dtype") is not None
-                or "out" in kwargs or not torch.is_autocast_enabled(self.device_type)):
-            return func(*args, **kwargs)
+def _in_float32(op: torch._ops.OpOverload) -> Callable[..., Any]:
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cpu", enabled=False):  # below autocast: the op itself, on upcast inputs
+            if any(isinstance(v, torch.dtype) for v in tree_flatten((args, kwargs))[0]):
+                return op(*args, **kwargs)
+            return op(*tree_map(_upcast, args), **tree_map(_upcast, kwargs))
 
-        def upcast(value: Any) -> Any:
-            if isinstance(value, torch.Tensor) and value.dtype in LOW_PRECISION:
-                return value.float()
-            return value
+    return kernel
 
-        with torch.autocast(self.device_type, enabled=False):
-            return func(*tree_map(upcast, args), **tree_map(upcast, kwargs))
+
+class CudaAutocastPolicy:
+    """While open, CPU autocast also runs CUDA's float32-list ops in float32 (their inputs upcast)."""
+
+    def __enter__(self) -> CudaAutocastPolicy:
+        self._library = torch.library.Library("aten", "IMPL")
+        for name in FLOAT32_OPS:
+            base, _, overload = name.partition(".")
+            op = getattr(getattr(torch.ops.aten, base), overload or "default")
+            self._library.impl(name, _in_float32(op), "AutocastCPU")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self._library  # the library's finalizer takes its kernels out of the dispatcher

@@ -35,5 +35,5 @@ def gpu_semantics(monkeypatch, precision: str) -> Iterator[None]:
     """Runs started inside compute as a CUDA step with `precision` (bf16 or fp16) would."""
     if precision == "fp16":
         monkeypatch.setattr(train, "_make_accelerator", fp16_accelerator)
-    with CudaAutocastPolicy("cpu"):
+    with CudaAutocastPolicy():
         yield

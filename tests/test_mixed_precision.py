@@ -143,7 +143,7 @@ def test_dora_rescales_each_output_row_by_its_float32_factor_in_bf16():
 def test_cuda_policy_runs_the_float32_list_in_float32_under_autocast():
     x = torch.randn(4, 8).bfloat16()
     w = torch.randn(6, 8)
-    with CudaAutocastPolicy("cpu"):
+    with CudaAutocastPolicy():
         with torch.autocast("cpu", torch.bfloat16):
             assert F.layer_norm(x, (8,)).dtype == torch.float32
             assert nn.LayerNorm(8)(x).dtype == torch.float32
@@ -225,3 +225,33 @@ def test_float16_weights_without_loss_scaling_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.mixed_precision='no' with model.dtype=float16" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_paper_recipe_on_a_two_layer_falcon_40b_trains_evaluates_and_exports(
+        tmp_path, monkeypatch, stories260k, alpaca_1k):
+    """`+recipe=falcon40b_alpaca` as on the paper's V100 (float16 weights, fp16 steps with loss scaling,
+    dropout, gradient checkpointing), on Falcon-40B's architecture (new decoder, 8 KV heads, parallel
+    attention, LayerNorm: float32 into the adapters under fp16) at a width a CPU trains; then eval and
+    export read the run with no recipe."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((stories260k.parent / "configs" / "falcon-40b" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
+    config |= {"hidden_size": 64, "num_attention_heads": 8, "num_kv_heads": 2, "num_hidden_layers": 2,
+               "vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2}
+    model_dir = tmp_path / "falcon-40b-2-layers"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(stories260k).save_pretrained(model_dir)
+    monkeypatch.chdir(tmp_path)
+    with gpu_semantics(monkeypatch, "fp16"):
+        assert qdylora("train", "+recipe=falcon40b_alpaca", f"model.name_or_path={model_dir}",
+                       f"data.path={alpaca_1k}", "data.format=alpaca", "data.max_samples=64",
+                       "train.max_steps=2", "train.grad_accum=4", "train.eval_every=0", "train.save_every=0") == 0
+    run_dir = tmp_path / "runs" / "falcon40b_alpaca"
+    assert all(math.isfinite(m["loss"]) for m in _metrics(run_dir))
+    assert qdylora("eval", "rank=[1,8,64]", "max_batches=1") == 0
+    assert json.loads((run_dir / "eval" / "loss-val" / "summary.json").read_text())
+    assert qdylora("export", "rank=8") == 0
+    exported = json.loads((run_dir / "export" / "rank-8-peft" / "adapter_config.json").read_text())
+    assert exported["r"] == 8 and "query_key_value" in " ".join(exported["target_modules"])
