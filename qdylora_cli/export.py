@@ -4,10 +4,10 @@ Rank b of a DyLoRA adapter is just its first b slices, `A[:b]` and `B[:, :b]`, s
 exactly a plain LoRA adapter with `r=b` and `lora_alpha = s(b)·b`, so that lora_alpha/r is s(b)
 under every adapter.scale. Never `use_rslora`: llama.cpp's convert_lora_to_gguf.py ignores it (as
 TensorRT-LLM and vLLM once did) and applies lora_alpha/r, so with plain fields every runtime
-computes s(b).
-So a PEFT export needs no model at all, only the saved factors. A merged export rebuilds the
-run, adds rank b's delta to the dequantized base weights and saves a plain Hugging Face model. A
-run trained on chat data also exports its tokenizer with the chat template it was trained with.
+computes s(b). A PEFT export needs no model at all, only the saved factors. A merged export
+rebuilds the run, adds rank b's delta to the dequantized base weights and saves a plain Hugging
+Face model. A run trained on chat data also exports its tokenizer with the chat template it was
+trained with.
 
 `allocation=PATH` exports a rank per module instead (allocation.py): PEFT gets `rank_pattern` for the
 modules whose rank differs from `r`, `alpha_pattern` for those whose s(b)·b differs from `lora_alpha`

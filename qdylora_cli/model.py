@@ -77,6 +77,25 @@ def load_base_model(
     return model, float_model if keep_float else None
 
 
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Refuse, in one line, a tokenizer whose special ids the model has no embedding for.
+
+    Padding and BOS/EOS go into every batch; an id past the embedding would stop the first forward
+    deep inside torch (`index out of range in self`). This happens when the tokenizer is not the
+    model's: transformers 5, for one, loads a directory whose config says `qwen2` with Qwen2's
+    tokenizer class whatever tokenizer files it holds, adding a pad token past a small vocabulary.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    for role in ("pad", "bos", "eos"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if isinstance(token_id, int) and token_id >= rows:
+            raise QdyloraError(
+                f"the tokenizer's {role} token id {token_id} is outside the model's {rows}-token embedding "
+                f"({type(tokenizer).__name__} from {tokenizer.name_or_path!r}): it is not this model's tokenizer; "
+                "name the right one with model.tokenizer"
+            )
+
+
 def context_length(m: ModelConfig) -> int | None:
     """The most positions the model takes (`max_position_embeddings`), from its config alone.
 
@@ -184,4 +203,5 @@ def load_run_model(
     )
     load_adapter_state_dict(model, weights)
     model.eval()
+    check_tokenizer_fits(tokenizer, model)
     return model, tokenizer, meta

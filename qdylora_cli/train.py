@@ -66,6 +66,7 @@ from qdylora_cli.evaluate import rank_losses
 from qdylora_cli.loss import loss_tokens, token_losses
 from qdylora_cli.model import (
     build_training_model,
+    check_tokenizer_fits,
     context_length,
     enable_gradient_checkpointing,
     load_tokenizer,
@@ -361,6 +362,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     # Under FSDP the model is loaded to the CPU and each GPU receives only its shards at `prepare`.
     model, meta, base = build_training_model(cfg, keep_base=keep_base, quantize_device=accelerator.device,
                                              device=torch.device("cpu") if fsdp else accelerator.device)
+    check_tokenizer_fits(tokenizer, model)
     if cfg.data.packing:  # refuse a model that would let packed examples see each other
         check_packing(model, train_set, torch.device("cpu") if fsdp else accelerator.device)
 

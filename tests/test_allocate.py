@@ -136,7 +136,19 @@ def test_peft_export_with_rank_pattern_equals_our_model(variant, scale, tmp_path
     meta = {"target_modules": names, "variant": variant, "scale": scale, "alpha": 8.0, "r_max": 4, "base_model": "x"}
     state, config = peft_adapter(adapter_state_dict(model), meta, allocation)
     assert config["rank_pattern"] and "model.layers.2.mlp.up_proj" not in config["target_modules"]
-    assert bool(config["alpha_pattern"]) == (scale == "constant")  # the only scale whose lora_alpha depends on r
+    # Plain LoRA fields: lora_alpha/r is s(r), and each module at another rank b gets its own s(b)·b in
+    # alpha_pattern; alpha_over_rank needs none (s(b)·b is α at every b).
+    assert config["use_rslora"] is False
+    r = config["r"]
+    assert config["lora_alpha"] / r == pytest.approx(rank_scale(scale, 8.0, 4, r), rel=1e-6)
+    keys = {peft_module_pattern(name): b for name, b in allocation.items() if b}
+    assert config["rank_pattern"] == {key: b for key, b in keys.items() if b != r}
+    if scale == "alpha_over_rank":
+        assert config["alpha_pattern"] == {}
+    else:
+        assert config["alpha_pattern"].keys() == config["rank_pattern"].keys()
+        for key, alpha in config["alpha_pattern"].items():
+            assert alpha / keys[key] == pytest.approx(rank_scale(scale, 8.0, 4, keys[key]), rel=1e-6)
     save_file(state, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
 
@@ -148,6 +160,21 @@ def test_peft_export_with_rank_pattern_equals_our_model(variant, scale, tmp_path
         uniform_4 = (set_rank(model, 4), model(input_ids=ids).logits)[1]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - uniform_4).abs().max() > 1e-3, "the allocation must differ from a uniform rank, or this proves nothing"
+    for name, b in allocation.items():  # PEFT read rank_pattern and alpha_pattern into each layer's s(b)
+        if b:
+            layer = theirs.base_model.model.get_submodule(name)
+            assert layer.r["default"] == b
+            assert layer.scaling["default"] == pytest.approx(rank_scale(scale, 8.0, 4, b), rel=1e-6)
+
+    if variant == "lora":  # llama.cpp: each tensor's own rank, one lora_alpha for all, no alpha_pattern
+        llama_cpp = _small_llama(12)
+        with torch.no_grad():
+            for name in config["target_modules"]:
+                a, b = state[f"base_model.model.{name}.lora_A.weight"], state[f"base_model.model.{name}.lora_B.weight"]
+                llama_cpp.get_submodule(name).weight += (config["lora_alpha"] / b.shape[1]) * (b @ a)
+            got = llama_cpp(input_ids=ids).logits
+        # exact without alpha_pattern; with one, the README warns that llama.cpp gets other layers wrong
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5) == (scale == "alpha_over_rank")
 
 
 # --- the search ----------------------------------------------------------------------------------------
@@ -344,6 +371,7 @@ def test_export_an_allocation_as_peft_and_merged(tiny_run, capsys):
     path = _write_allocation(tiny_run, "mixed", allocation)
     params = allocation_params(shapes, allocation)
     assert qdylora("export", f"run_dir={tiny_run}", f"allocation={path}") == 0
+    assert "serve it with vLLM --max-lora-rank 8 or more (its largest rank is 8)" in capsys.readouterr().out
     assert qdylora("export", f"run_dir={tiny_run}", f"allocation={path}", "format=merged") == 0
     peft_dir, merged_dir = (tiny_run / "export" / f"allocation-{params}params-{f}" for f in ("peft", "merged"))
 

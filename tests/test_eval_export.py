@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from qdylora_cli import train
-from qdylora_cli.adapters import inject_adapters, load_adapter_state_dict, set_rank
+from qdylora_cli.adapters import inject_adapters, iter_adapters, load_adapter_state_dict, rank_scale, set_rank
 from qdylora_cli.cli import compose_config
 from qdylora_cli.config import DataConfig, EvalConfig
 from qdylora_cli.data import load_datasets
@@ -25,6 +25,7 @@ from qdylora_cli.evaluate import (
     rank_figure,
     recommend,
 )
+from qdylora_cli.export import serving_note, vllm_max_lora_rank
 from qdylora_cli.model import load_run_model
 from qdylora_cli.rundir import load_adapter
 
@@ -297,35 +298,112 @@ def _float_base(run_dir):
     return AutoModelForCausalLM.from_pretrained(run_dir / "base_model").eval()
 
 
-# (lora_alpha, use_rslora) PEFT needs at r=5 for the tiny recipe's α 32, r_max 8: PEFT scales by lora_alpha/r
-# (or lora_alpha/√r with rsLoRA), and that must equal our s(5).
-PEFT_SCALE = {"alpha_over_rank": (32.0, False), "rank_stabilized": (32.0 / 8**0.5, True), "constant": (20.0, False)}
-
-
-@pytest.mark.parametrize("scale", list(PEFT_SCALE))
-@pytest.mark.parametrize("variant", ["lora", "dora"])
-def test_peft_export_equals_our_model_at_that_rank(variant, scale, tmp_path):
-    peft = pytest.importorskip("peft")
-    run_dir = _train(tmp_path / "run", "train.max_steps=8", f"adapter.variant={variant}", f"adapter.scale={scale}")
-    assert qdylora("export", f"run_dir={run_dir}", "rank=5") == 0
-    out = run_dir / "export" / "rank-5-peft"
-    config = json.loads((out / "adapter_config.json").read_text())
+def peft_and_ours(peft, base_dir: Path, run_dir: Path, export: Path, rank: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(our adapter at `rank`, PEFT's load of the export), each on its own copy of the unquantized base in
+    `base_dir`: the two must compute the same function. test_architectures.py uses it too."""
     weights, meta = load_adapter(run_dir / "adapter")
-    assert (config["r"], config["use_dora"]) == (5, variant == "dora")
-    assert (config["lora_alpha"], config["use_rslora"]) == pytest.approx(PEFT_SCALE[scale])
-    assert config["target_modules"] == meta["target_modules"]
+    ours = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    inject_adapters(ours, r_max=meta["r_max"], alpha=meta["alpha"], mode=meta["mode"], variant=meta["variant"],
+                    scale=meta["scale"])
+    load_adapter_state_dict(ours, weights)
+    set_rank(ours, rank)
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir).eval(), str(export)).eval()
+    return ours, theirs
 
-    ours = _float_base(run_dir)  # the same unquantized base on both sides
-    inject_adapters(ours, r_max=8, alpha=32.0, mode=meta["mode"], variant=variant, scale=scale)
+
+# lora_alpha of the rank-5 export for the tiny recipe's α 32, r_max 8, by hand: s(5)·5, so that a plain
+# LoRA's lora_alpha/r is our s(5) (α/5; α/√(8·5); α/8).
+LORA_ALPHA_AT_5 = {"alpha_over_rank": 32.0, "rank_stabilized": 32.0 * (5 / 8) ** 0.5, "constant": 20.0}
+
+
+@pytest.fixture(scope="module")
+def scale_run(tmp_path_factory):
+    """A short tiny run per (variant, adapter.scale), trained on first use and shared by the tests here."""
+    runs = {}
+
+    def get(variant, scale):
+        if (variant, scale) not in runs:
+            runs[variant, scale] = _train(tmp_path_factory.mktemp("scale") / f"{variant}-{scale}", "train.max_steps=8",
+                                          f"adapter.variant={variant}", f"adapter.scale={scale}")
+        return runs[variant, scale]
+
+    return get
+
+
+def _export_rank_5(run_dir):
+    assert qdylora("export", f"run_dir={run_dir}", "rank=5", "overwrite=true") == 0
+    out = run_dir / "export" / "rank-5-peft"
+    return out, json.loads((out / "adapter_config.json").read_text())
+
+
+def _ours_at_5(run_dir):
+    """Our model at rank 5 on the unquantized base, the one both sides get."""
+    weights, meta = load_adapter(run_dir / "adapter")
+    ours = _float_base(run_dir)
+    inject_adapters(ours, r_max=8, alpha=32.0, mode=meta["mode"], variant=meta["variant"], scale=meta["scale"])
     load_adapter_state_dict(ours, weights)
     set_rank(ours, 5)
+    return ours.eval(), meta
+
+
+@pytest.mark.parametrize("scale", list(LORA_ALPHA_AT_5))
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_peft_export_equals_our_model_at_that_rank(variant, scale, scale_run, capsys):
+    peft = pytest.importorskip("peft")
+    run_dir = scale_run(variant, scale)
+    capsys.readouterr()
+    out, config = _export_rank_5(run_dir)
+    # Plain LoRA fields whatever the scale: lora_alpha/r is s(5), no use_rslora for a runtime to ignore.
+    assert (config["r"], config["use_dora"], config["use_rslora"]) == (5, variant == "dora", False)
+    assert config["lora_alpha"] == pytest.approx(LORA_ALPHA_AT_5[scale], rel=1e-12)
+    assert config["lora_alpha"] / config["r"] == pytest.approx(rank_scale(scale, 32.0, 8, 5), rel=1e-6)
+    printed = capsys.readouterr().out
+    assert ("vLLM does not serve DoRA" if variant == "dora" else "vLLM --max-lora-rank 8 or more") in printed
+    ours, meta = _ours_at_5(run_dir)
+    assert config["target_modules"] == meta["target_modules"]
+
     theirs = peft.PeftModel.from_pretrained(_float_base(run_dir), str(out)).eval()
+    scalings = {m.scaling["default"] for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert scalings == {config["lora_alpha"] / 5}
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
         plain = _float_base(run_dir)(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - plain).abs().max() > 1e-2, "the adapter must change the output, or this test proves nothing"
+
+
+@pytest.mark.parametrize("scale", list(LORA_ALPHA_AT_5))
+def test_peft_export_is_exact_where_only_r_and_lora_alpha_are_read(scale, scale_run):
+    """What llama.cpp does with a PEFT adapter (convert_lora_to_gguf.py, then its runtime): one
+    `lora_alpha`, stored as float32, and each tensor's own rank, W + B·A·(lora_alpha/rank); `use_rslora`
+    is never read. That must be our rank-5 delta in every layer, and our model's output."""
+    run_dir = scale_run("lora", scale)
+    out, config = _export_rank_5(run_dir)
+    alpha = torch.tensor(config["lora_alpha"], dtype=torch.float32).item()
+    factors = load_file(str(out / "adapter_model.safetensors"))
+    ours, meta = _ours_at_5(run_dir)
+    theirs = _float_base(run_dir)
+    with torch.no_grad():
+        for name, adapter in iter_adapters(ours):
+            a, b = factors[f"base_model.model.{name}.lora_A.weight"], factors[f"base_model.model.{name}.lora_B.weight"]
+            delta = (alpha / b.shape[1]) * (b @ a)
+            torch.testing.assert_close(delta, adapter.merged_linear(5).weight - adapter.base.weight, rtol=1e-5, atol=1e-7)
+            theirs.get_submodule(name).weight += delta
+        assert len(factors) == 2 * len(meta["target_modules"])
+        ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_vllm_max_lora_rank_is_the_smallest_cap_that_holds_the_rank():
+    assert [vllm_max_lora_rank(r) for r in (1, 8, 9, 16, 17, 64, 300, 320, 321, 512)] == [
+        8, 8, 16, 16, 32, 64, 320, 320, 512, 512]
+    assert vllm_max_lora_rank(513) is None
+    # an allocation's largest rank may be in rank_pattern rather than r
+    config = {"use_dora": False, "r": 4, "rank_pattern": {"model\\.layers\\.0\\.mlp\\.up_proj": 17}}
+    assert serving_note(config) == "serve it with vLLM --max-lora-rank 32 or more (its largest rank is 17)"
+    assert "above its largest --max-lora-rank (512)" in serving_note({**config, "r": 600})
+    assert serving_note({**config, "use_dora": True}) == "vLLM does not serve DoRA adapters"
 
 
 def test_merged_export_equals_the_quantized_run_and_evaluates_the_same(lora_run, capsys):
@@ -399,13 +477,7 @@ def test_stories260k_export_and_eval(stories260k, shakespeare, tmp_path):
     rows = _rows(run_dir / "eval" / "loss-val")
     assert rows[8]["loss"] < rows[0]["loss"]
     assert qdylora("export", f"run_dir={run_dir}", "rank=2") == 0
-    base = AutoModelForCausalLM.from_pretrained(stories260k).eval()
-    theirs = peft.PeftModel.from_pretrained(base, str(run_dir / "export" / "rank-2-peft")).eval()
-    ours = AutoModelForCausalLM.from_pretrained(stories260k).eval()
-    weights, meta = load_adapter(run_dir / "adapter")
-    inject_adapters(ours, r_max=8, alpha=16.0, mode=meta["mode"], scale=meta["scale"])
-    load_adapter_state_dict(ours, weights)
-    set_rank(ours, 2)
+    ours, theirs = peft_and_ours(peft, stories260k, run_dir, run_dir / "export" / "rank-2-peft", 2)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

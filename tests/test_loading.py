@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, LlamaForCausalLM, MixtralConfig
 
 from qdylora_cli.adapters import find_target_modules, inject_adapters, iter_adapters, set_rank
 from qdylora_cli.config import QuantConfig
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.loading import load_quantized
+from qdylora_cli.loading import checkpoint_key_renamer, load_quantized, quantize_model
 from qdylora_cli.model import enable_gradient_checkpointing
 from qdylora_cli.quant import NF4Linear, import_bitsandbytes
 
@@ -90,7 +90,7 @@ def test_peak_memory_while_loading_stays_far_below_the_float_model(tmp_path):
     save_sharded(tmp_path / "warm", llama_config(num_hidden_layers=1))
     probe = textwrap.dedent(f"""
         import torch
-        from qdylora_cli.loading import load_quantized
+        from qdylora_cli.loading import checkpoint_key_renamer, load_quantized, quantize_model
 
         def status(key):
             return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(key))
@@ -235,3 +235,74 @@ def test_checkpoints_of_the_bare_base_model_and_quant_none(tmp_path):
     assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight,
                        state["model.layers.0.self_attn.q_proj.weight"].bfloat16())
+
+
+# --- checkpoint key mapping ----------------------------------------------------------------------------
+
+
+def _save_config_built(path: Path, config) -> Path:
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_gpt_neox_checkpoints_load_through_transformers_key_mapping(tmp_path):
+    """transformers 5 saves GPT-NeoX's `lm_head` as `embed_out` (as every Pythia checkpoint names it) and
+    renames it on load; the streamed load must do the same."""
+    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=128)
+    path = _save_config_built(tmp_path / "neox", config)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    plain = load_quantized(str(path), dtype=torch.float32, quant=QuantConfig(type="none"), device="cpu").eval()
+    nf4 = load_quantized(str(path), dtype=torch.float32, device="cpu").eval()
+    quantized_reference = quantize_model(reference, dtype=torch.float32, device="cpu").eval()
+    assert sum(isinstance(m, NF4Linear) for m in nf4.modules()) == 4 * 2
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(nf4(ids).logits, quantized_reference(ids).logits, rtol=0, atol=1e-6)
+    assert torch.equal(plain.lm_head.weight, reference.lm_head.weight)
+
+
+def test_keys_transformers_would_merge_are_refused_in_one_line(tmp_path):
+    """Mixtral's checkpoints keep one tensor per expert, which transformers 5 stacks into one parameter:
+    a stream of single tensors cannot do that, so the load stops at the first such key."""
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                           num_experts_per_tok=1, max_position_embeddings=64)
+    path = _save_config_built(tmp_path / "mixtral", config)
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        per_expert = any(".experts.0." in key for key in f.keys())
+    if not per_expert:  # a transformers that saves the stacked layout: check the renamer directly
+        model = AutoModelForCausalLM.from_config(config)
+        _, converter = checkpoint_key_renamer(model)("model.layers.0.block_sparse_moe.experts.0.w1.weight")
+        assert converter is not None
+        return
+    with pytest.raises(QdyloraError) as error:
+        load_quantized(str(path), dtype=torch.float32, device="cpu")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("mixtral checkpoints cannot be streamed")
+    assert "experts.0.w" in message
+
+
+def test_transformers_4_keeps_keys_but_honours_the_class_mapping(tmp_path, monkeypatch):
+    """Without transformers 5's conversion_mapping module, keys stay as they are unless the class declares
+    `_checkpoint_conversion_mapping` (regex -> replacement, the first that matches applies)."""
+    path = save_sharded(tmp_path / "m", llama_config(), shard="10GB")
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / "model.safetensors"))
+    save_file({k.replace("model.", "language_model.model.", 1): v for k, v in state.items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setitem(sys.modules, "transformers.conversion_mapping", None)  # its import now fails, as in 4.x
+    model = AutoModelForCausalLM.from_config(llama_config())
+    assert checkpoint_key_renamer(model)("embed_out.weight") == ("embed_out.weight", None)
+    monkeypatch.setattr(LlamaForCausalLM, "_checkpoint_conversion_mapping",
+                        {"^language_model\\.model": "model", "^language_model\\.": ""}, raising=False)
+    assert checkpoint_key_renamer(model)("language_model.model.norm.weight") == ("model.norm.weight", None)
+    loaded = load_quantized(str(path), dtype=torch.float32, quant=QuantConfig(type="none"), device="cpu")
+    assert torch.equal(loaded.model.layers[1].mlp.up_proj.weight, state["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(loaded.lm_head.weight, state["lm_head.weight"])
