@@ -237,6 +237,8 @@ def smallest_within(
         return result
 
     best = attempt(high)
+    if low >= high:  # the uniform rank that meets the target is below every candidate rank: nothing in between
+        return best, record
     lowest = attempt(low)
     if lowest.loss <= target_loss:
         return lowest, record
