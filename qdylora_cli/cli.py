@@ -22,12 +22,14 @@ from typing import Any
 from omegaconf import OmegaConf, open_dict
 
 from qdylora_cli import __version__
+from qdylora_cli.choices import GPUS
 from qdylora_cli.config import (
     SCHEMAS,
     AllocateConfig,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
+    PlanConfig,
     TrainConfig,
     absolute_paths,
     allocation_stands_for_rank,
@@ -54,14 +56,15 @@ COMMANDS = {
     "export": "one rank of a run as a PEFT adapter or a merged model",
     "generate": "a run's answers to your prompts, at one rank or several side by side",
     "allocate": "a rank per layer for a parameter budget, chosen from a trained run without training again",
+    "plan": "whether a training run fits on a GPU: train's config plus gpu=, one step on fake tensors, no weights",
 }
 MODULES = {"train": "qdylora_cli.train", "eval": "qdylora_cli.evaluate", "export": "qdylora_cli.export",
-           "generate": "qdylora_cli.generate", "allocate": "qdylora_cli.allocate"}
+           "generate": "qdylora_cli.generate", "allocate": "qdylora_cli.allocate", "plan": "qdylora_cli.plan"}
 GROUPS = ("model", "data", "quant", "rank_schedule", "optimizer")
 # The option of each group whose comments document every key of the group (read first for --help).
 REFERENCE_OPTIONS = {"model": "hf", "data": "alpaca", "quant": "nf4", "rank_schedule": "uniform", "optimizer": "adamw"}
 # Free text, never Hydra syntax: `prompt=What's 3, plus 4?` is kept as typed (see _text_overrides).
-TEXT_KEYS = {"generate": ("prompt", "input")}
+TEXT_KEYS = {"generate": ("prompt", "input"), "plan": ("gpu",)}
 _RECIPE = re.compile(r"^\+{0,2}recipe=(.*)$")
 _NAMES_RUN = re.compile(r"^[+~]{0,2}(run_dir|name)(=|$)")  # with +recipe=NAME: a command line that names its run
 
@@ -199,7 +202,7 @@ def _text_overrides(command: str, overrides: list[str]) -> tuple[dict[str, str],
 
 def compose_config(
     command: str, overrides: list[str], config_dir: str | Path | None = None
-) -> TrainConfig | EvalConfig | ExportConfig | GenerateConfig | AllocateConfig:
+) -> TrainConfig | EvalConfig | ExportConfig | GenerateConfig | AllocateConfig | PlanConfig:
     """The validated, typed config of `qdylora COMMAND OVERRIDES...` (nothing heavy is imported).
 
     For eval, export, generate and allocate, `+recipe=NAME` only names the run: its run_dir becomes the
@@ -210,7 +213,7 @@ def compose_config(
     texts, overrides = _text_overrides(command, overrides)
     _check_overrides(overrides)
     recipe, overrides = _recipe(overrides, config_dir)
-    if command == "train":
+    if command in ("train", "plan"):
         extra = [f"+recipes={recipe}"] if recipe else []
         node, choices = _compose_raw("train", extra + overrides, config_dir)
         cfg = to_typed("train", node)
@@ -218,6 +221,11 @@ def compose_config(
             raise QdyloraError(f"data.path={cfg.data.path}: say what the file holds with data=json (instruction "
                                "records), data=text (plain text) or data=alpaca (a Hugging Face dataset); without it "
                                "the built-in toy data's settings would apply")
+        if command == "plan":  # it reads neither data nor weights
+            if "gpu" not in texts:
+                raise QdyloraError("gpu: name the GPU to plan for, e.g. gpu=v100-32gb or gpu=24 (GiB); "
+                                   "`qdylora plan --help` lists the names")
+            return PlanConfig(validate_train(cfg, check_paths=False), texts["gpu"])
         cfg = validate_train(cfg)
         if cfg.train.resume and (Path(cfg.run_dir) / CONFIG).is_file():
             cfg = _resumed(cfg, extra, config_dir)
@@ -274,6 +282,9 @@ def _defaults(command: str) -> dict[str, str]:
 
 def key_reference(command: str) -> list[str]:
     """`key  default  meaning` for every key of the command (see helptext.py)."""
+    if command == "plan":
+        return [f"gpu=NAME or gpu=GiB (required): {', '.join(GPUS)}, or a size such as gpu=24",
+                "and every key of qdylora train:", *key_reference("train")[1:]]
     conf = config_root() / "conf"
     # eval's data is null until chosen: show the keys (and defaults) that data=json brings
     groups = {"train": REFERENCE_OPTIONS, "eval": {"data": REFERENCE_OPTIONS["data"]}}.get(command, {})
@@ -297,7 +308,7 @@ def help_epilog(command: str | None, config_dir: str | Path | None = None) -> st
     if command is None:
         lines += ["commands:"] + [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
         lines += ["  help      this help; `qdylora help COMMAND` is `qdylora COMMAND --help`", ""]
-    if command in (None, "train"):
+    if command in (None, "train", "plan"):
         user = _user_dir(config_dir)
         lines.append("recipes (+recipe=NAME):")
         for name in available_recipes(config_dir):

@@ -30,10 +30,12 @@ from qdylora_cli.choices import (
     MIXED_PRECISION,
     NF4_BLOCKSIZES,
     OPTIMIZERS,
+    PAGED,
     QUANT_TYPES,
     RANK_SCHEDULES,
     RETIRED_OPTIMIZERS,
     SCHEDULERS,
+    STATE_BITS,
     TEMPLATES,
     TRACKERS,
 )
@@ -120,6 +122,8 @@ class OptimizerConfig:
     eps: float = 1e-8
     scheduler: str = "constant"
     warmup_ratio: float = 0.03
+    state_bits: int = 32  # 32 or 8: Adam's moments in float32, or 8-bit blockwise (as bitsandbytes' 8-bit optimizers)
+    paged: str = "auto"  # auto (on with CUDA), true or false: the moments in CUDA unified memory
 
 
 @dataclass
@@ -228,6 +232,14 @@ class AllocateConfig:
     configs_per_pass: int = 8
     out_dir: str | None = None  # null: RUN_DIR/allocate
     overwrite: bool = False
+
+
+@dataclass
+class PlanConfig:
+    """`qdylora plan`: the config `qdylora train` takes, and the GPU (a name or a size in GiB) it should fit."""
+
+    train: TrainConfig
+    gpu: str
 
 
 SCHEMAS: dict[str, type] = {
@@ -456,6 +468,11 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         _fail("optimizer.betas", o.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
     _fraction("optimizer.warmup_ratio", o.warmup_ratio)
+    if o.state_bits not in STATE_BITS:
+        _fail("optimizer.state_bits", o.state_bits, "32 or 8 (bits per Adam moment value)")
+    # YAML reads true/false as booleans, which the str field holds as "True"/"False"
+    o.paged = str(o.paged).lower()
+    _choice("optimizer.paged", o.paged, PAGED)
 
     if (t.max_steps is None) == (t.num_epochs is None):
         hint = "set train.max_steps=null to train by epochs" if t.num_epochs is not None else "set one of them"

@@ -63,7 +63,9 @@ EXPORT_INFO = "qdylora_export.json"  # in a merged export: its rank and the run 
 LAST_RUN = "last_run.json"  # in the runs' parent folder: the name of the run trained last
 # Keys a resumed run may change: the rest defines what is trained, and changing it would mix two runs.
 # The seed and the shape of a step fix the order of the batches, and the saved data position counts in it.
-RESUMABLE = ("train.", "launcher.", "run_dir", "name", "overwrite")
+# optimizer.paged only says where the moments live; optimizer.state_bits (like every other optimizer
+# key) is fixed: the checkpoint holds the moments in its format.
+RESUMABLE = ("train.", "launcher.", "run_dir", "name", "overwrite", "optimizer.paged")
 FIXED_ON_RESUME = ("train.seed", "train.batch_size", "train.grad_accum", "launcher.num_processes")
 
 

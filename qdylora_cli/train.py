@@ -42,6 +42,7 @@ from qdylora_cli.adapters import (
     iter_adapters,
     load_adapter_state_dict,
     ranks_of_rows,
+    resolve_paged,
     set_rank,
     trained_slices,
 )
@@ -97,11 +98,13 @@ log = logging.getLogger(__name__)
 # --- optimizer and schedule ----------------------------------------------------------------------
 
 
-def build_optimizer(opt_cfg: OptimizerConfig, model: torch.nn.Module) -> RankAwareAdamW:
-    """AdamW over every adapter's factors that steps only the rank slices each step trained."""
+def build_optimizer(opt_cfg: OptimizerConfig, model: torch.nn.Module, paged: bool = False) -> RankAwareAdamW:
+    """AdamW over every adapter's factors that steps only the rank slices each step trained; its moments
+    in `optimizer.state_bits`, in unified memory if `paged` (`resolve_paged` decides it from `optimizer.paged`)."""
     adapters = [a for _, a in iter_adapters(model)]
     return RankAwareAdamW(adapter_parameters(adapters), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
-                          eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
+                          eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, state_bits=opt_cfg.state_bits,
+                          paged=paged)
 
 
 def lr_lambda(kind: str, max_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -246,11 +249,14 @@ class Session:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def with_device_defaults(cfg: TrainConfig, on_cuda: bool) -> TrainConfig:
+def with_device_defaults(cfg: TrainConfig, on_cuda: bool, bf16: bool | None = None) -> TrainConfig:
     """`auto` compute settings made concrete: bf16 (fp16 without bf16) and checkpointing on a GPU; on a
-    CPU float32 without checkpointing, which measured 10x faster there (docs/performance.md)."""
+    CPU float32 without checkpointing, which measured 10x faster there (docs/performance.md). `bf16`:
+    whether the GPU has it (default: ask this machine's)."""
     m, t = cfg.model, cfg.train
-    half = "bfloat16" if not on_cuda or torch.cuda.is_bf16_supported() else "float16"
+    if bf16 is None:
+        bf16 = not on_cuda or torch.cuda.is_bf16_supported()
+    half = "bfloat16" if bf16 else "float16"
     dtype = m.dtype if m.dtype != "auto" else half if on_cuda else "float32"
     mixed = t.mixed_precision if t.mixed_precision != "auto" else {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
     checkpointing = t.gradient_checkpointing if t.gradient_checkpointing is not None else on_cuda
@@ -358,6 +364,9 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     max_steps = plan_steps(t, batches, held_out=len(val_set))  # train.num_epochs becomes a number of steps
     set_seed(t.seed)
     fsdp = _fsdp2(accelerator)
+    if fsdp and cfg.optimizer.state_bits == 8:
+        raise QdyloraError("optimizer.state_bits=8 does not work with FSDP (its 256-value blocks run along B's "
+                           "columns, which FSDP splits across GPUs); use optimizer.state_bits=32 or DDP")
     keep_base = main and cfg.model.config is not None and not (resume_from and (run_dir / BASE_MODEL).is_dir())
     # Under FSDP the model is loaded to the CPU and each GPU receives only its shards at `prepare`.
     model, meta, base = build_training_model(cfg, keep_base=keep_base, quantize_device=accelerator.device,
@@ -392,7 +401,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
                         tokens=round(row * t.batch_size), resumed=first)
     _describe(cfg, accelerator, model, meta)
 
-    adamw = build_optimizer(cfg.optimizer, model)
+    adamw = build_optimizer(cfg.optimizer, model, paged=resolve_paged(cfg.optimizer.paged, accelerator.device, fsdp))
     warmup = math.ceil(cfg.optimizer.warmup_ratio * max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_lambda(cfg.optimizer.scheduler, max_steps, warmup))
     prepared, optimizer = accelerator.prepare(model, adamw)

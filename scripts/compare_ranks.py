@@ -115,6 +115,7 @@ EXTRA = [
     Arm("lr2", "default at lr 2e-3", ("optimizer.lr=2e-3",)),
     Arm("dora_uniform4_lr2", "DoRA, uniform, rank-stabilized, 4 ranks/step, lr 2e-3",
         ("adapter.variant=dora", "rank_schedule=uniform", "optimizer.lr=2e-3")),
+    Arm("state8", "default with 8-bit optimizer state", ("optimizer.state_bits=8",)),
 ]
 FLOAT = Arm("float", "default on the float32 base", ("quant=none",))
 ARMS = {a.name: a for a in [*FIXED, *DYNAMIC, FLOAT, *EXTRA]}

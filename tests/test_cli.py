@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_help_lists_commands_groups_and_recipes():
     out = qdylora("--help")
     assert out.returncode == 0, out.stderr
-    for word in ("train", "eval", "export", "generate", "tiny", "falcon40b_alpaca", "llama2_7b_alpaca",
+    for word in ("train", "eval", "export", "generate", "plan", "tiny", "falcon40b_alpaca", "llama2_7b_alpaca",
                  "llama3_8b_alpaca", "model", "tiny*", "rank_schedule", "octave*", "paper", "--config-dir"):
         assert word in out.stdout
     train = qdylora("train", "--help")
@@ -32,7 +32,7 @@ def test_help_lists_commands_groups_and_recipes():
     assert "tiny_instructions*" in train.stdout and "--cfg" in train.stdout
     export = qdylora("export", "--help")
     assert re.search(r"^  rank +required +the rank to export", export.stdout, re.M)
-    assert re.search(r"^  format +peft +peft: LoRA adapter", export.stdout, re.M)
+    assert re.search(r"^  format +peft +peft: plain LoRA adapter", export.stdout, re.M)
     assert "defaults:" not in export.stdout and "_self_" not in export.stdout  # no raw YAML
 
 

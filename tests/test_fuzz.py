@@ -80,6 +80,8 @@ CHOICES = [
     ("rank_schedule", (*choices.RANK_SCHEDULES, "paper")),
     ("optimizer.name", choices.OPTIMIZERS),
     ("optimizer.scheduler", choices.SCHEDULERS),
+    ("optimizer.state_bits", choices.STATE_BITS),
+    ("optimizer.paged", choices.PAGED),
     ("train.mixed_precision", ("auto", *choices.MIXED_PRECISION)),
 ]
 
@@ -96,7 +98,7 @@ def test_every_choice_trains_or_is_refused_before_the_run_dir_exists(key, value,
 
 
 def test_the_choice_table_covers_every_list_of_choices():
-    used_elsewhere = {"DATA_FORMATS", "TEMPLATES", "RETIRED_OPTIMIZERS", "TRACKERS"}  # test_chat, test_data, test_config
+    used_elsewhere = {"DATA_FORMATS", "TEMPLATES", "RETIRED_OPTIMIZERS", "TRACKERS", "GPUS"}  # test_chat, test_data, test_config, test_plan
     for name, values in vars(choices).items():
         if name.isupper() and name not in used_elsewhere:
             assert any(set(values) <= set(listed) for _, listed in CHOICES), name
@@ -111,7 +113,7 @@ LIMITS = {
     "adapter.r_max": (1, 0), "adapter.alpha": (0.001, 0), "adapter.dropout": (0.0, -0.1),
     "rank_schedule.min_rank": (1, 0), "rank_schedule.rank": (1, 0), "rank_schedule.ranks_per_step": (1, 0),
     "optimizer.lr": (1e-9, 0), "optimizer.weight_decay": (0.0, -0.1), "optimizer.eps": (1e-12, 0),
-    "optimizer.warmup_ratio": (0.0, -0.1), "train.max_steps": (1, 0), "train.num_epochs": (1, 0),
+    "optimizer.warmup_ratio": (0.0, -0.1), "optimizer.state_bits": (8, 7), "train.max_steps": (1, 0), "train.num_epochs": (1, 0),
     "train.batch_size": (1, 0), "train.grad_accum": (1, 0), "train.seed": (0, -1), "train.save_every": (0, -1),
     "train.keep_last": (1, 0), "train.eval_every": (0, -1), "train.eval_batches": (1, 0), "train.log_every": (1, 0),
     "train.max_grad_norm": (0.0, -0.1), "train.max_bad_steps": (1, 0), "launcher.num_processes": (1, 0),
@@ -119,7 +121,8 @@ LIMITS = {
 }
 # Upper limits: key -> (the highest value accepted, a value just above it that is refused)
 UPPER = {"data.val_fraction": (0.99, 1.0), "adapter.dropout": (0.99, 1.0), "optimizer.warmup_ratio": (0.99, 1.0),
-         "adapter.r_max": (64, None), "rank_schedule.min_rank": (64, 65), "rank_schedule.rank": (64, 65)}
+         "adapter.r_max": (64, None), "rank_schedule.min_rank": (64, 65), "rank_schedule.rank": (64, 65),
+         "optimizer.state_bits": (32, 33)}
 
 
 def test_every_number_of_the_train_schema_has_its_limits_listed():

@@ -10,7 +10,12 @@ from qdylora_cli.adapters.inject import (
     merge_adapters,
 )
 from qdylora_cli.adapters.lora import DynamicRankLoRA, base_weight, check_rank, rank_scale, trained_slices
-from qdylora_cli.adapters.optim import RankAwareAdamW, adapter_parameters, upgrade_per_slice_state
+from qdylora_cli.adapters.optim import (
+    RankAwareAdamW,
+    adapter_parameters,
+    resolve_paged,
+    upgrade_per_slice_state,
+)
 from qdylora_cli.adapters.rank import (
     RANK_WEIGHTS,
     RankSampler,
@@ -42,6 +47,7 @@ __all__ = [
     "rank_scale",
     "ranks_by_module",
     "ranks_of_rows",
+    "resolve_paged",
     "set_chunk_ranks",
     "set_rank",
     "trained_slices",

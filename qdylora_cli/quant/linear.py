@@ -37,6 +37,7 @@ from qdylora_cli.quant.nf4 import (
     dequantize_absmax,
     dequantize_nf4,
     dynamic_map,
+    on_gpu_path,
     quantize_nf4,
 )
 
@@ -53,7 +54,7 @@ def _slabs(state: NF4State, by_columns: bool) -> Iterator[tuple[slice, NF4State]
     """
     out_features, in_features = state.shape
     blocksize = state.blocksize
-    if state.packed.device.type != "cpu" or (by_columns and in_features % blocksize):
+    if on_gpu_path(state.packed) or (by_columns and in_features % blocksize):
         yield slice(None), state
         return
     absmax = dequantize_absmax(state)

@@ -22,7 +22,10 @@ faults and memory traffic than the arithmetic itself.
 
 from __future__ import annotations
 
+import contextvars
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +64,24 @@ _CPU_CHUNK = 1 << 18
 _GPU_CHUNK = 1 << 24
 _CELLS = 1024  # cells per unit of [-1, 1] for the NF4 code search; far finer than the code spacing
 _CELL_MARGIN = 1e-5  # widens each cell by far more than the float32 error of the cell index
+_GPU_CODE_PATH = contextvars.ContextVar("qdylora_gpu_code_path", default=False)
+
+
+@contextmanager
+def gpu_code_path() -> Iterator[None]:
+    """Inside, NF4 code takes the path it takes on a CUDA device whatever device its tensors are on
+    (whole weights, GPU chunks, bitsandbytes' kernels when installed): a step on fake CPU tensors then
+    allocates what the GPU step allocates (`qdylora plan`)."""
+    token = _GPU_CODE_PATH.set(True)
+    try:
+        yield
+    finally:
+        _GPU_CODE_PATH.reset(token)
+
+
+def on_gpu_path(t: Tensor) -> bool:
+    """Whether NF4 code for `t` takes the GPU path: `t` is on a CUDA device, or inside `gpu_code_path`."""
+    return t.is_cuda or _GPU_CODE_PATH.get()
 
 
 def dynamic_map() -> Tensor:
@@ -188,7 +209,7 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, *, backend
     """
     dtype = dtype or state.dtype
     if backend == "auto":
-        backend = "bnb" if state.packed.is_cuda and _bitsandbytes() is not None else "torch"
+        backend = "bnb" if on_gpu_path(state.packed) and _bitsandbytes() is not None else "torch"
     if backend == "bnb":
         return _dequantize_bnb(state, dtype)
     if backend != "torch":
@@ -278,7 +299,7 @@ def _bitsandbytes():
 
 
 def _chunk_size(n: int, blocksize: int, device: torch.device) -> int:
-    chunk = _CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK
+    chunk = _GPU_CHUNK if device.type != "cpu" or _GPU_CODE_PATH.get() else _CPU_CHUNK
     return min(n, max(blocksize, chunk // blocksize * blocksize))
 
 
