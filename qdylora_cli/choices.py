@@ -9,7 +9,9 @@ NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the ones bitsandby
 ADAPTER_MODES = ("frozen", "full")
 ADAPTER_VARIANTS = ("lora", "dora")
 ADAPTER_SCALES = ("alpha_over_rank", "rank_stabilized", "constant")
-RANK_SCHEDULES = ("uniform", "fixed", "octave", "harmonic", "mixed")
+RANK_SCHEDULES = ("uniform", "fixed", "octave", "harmonic", "mixed", "matryoshka")
+# rank_schedule.nested_weight: the weight s_r of each nested rank r in a MatryoshkaLoRA-style mixture (lora.py)
+NESTED_WEIGHTS = ("one", "inverse", "inverse_sqrt")
 OPTIMIZERS = ("adamw",)
 # Names of bitsandbytes optimizers earlier versions took: runs that used them still resume, with adamw.
 RETIRED_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")

@@ -28,6 +28,7 @@ from qdylora_cli.choices import (
     DATA_FORMATS,
     DTYPES,
     MIXED_PRECISION,
+    NESTED_WEIGHTS,
     NF4_BLOCKSIZES,
     OPTIMIZERS,
     PAGED,
@@ -42,7 +43,9 @@ from qdylora_cli.choices import (
 from qdylora_cli.errors import QdyloraError, first_line
 
 EVAL_TASKS = ("none", "gsm8k", "mcq")
-EXPORT_FORMATS = ("peft", "merged")
+EXPORT_FORMATS = ("peft", "merged", "gguf", "gguf-lora")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what gguf-py writes and llama.cpp loads without a quantize step
+DEFAULT_GGUF_TYPE = "f16"
 SEARCH_DATA = ("validation", "train")  # qdylora allocate: what the search measures on
 BUILTIN_DATA = ("builtin:tiny-instructions",)
 
@@ -85,6 +88,8 @@ class DataConfig:
     chat_template: str | None = None  # chat: Jinja text, a file, or `chatml`; null: the tokenizer's own
     max_length: int = 2048  # chat: tokens kept per conversation; packing: tokens per row
     packing: bool = False
+    num_proc: int | None = None  # processes that tokenize; null: the cores this process may use
+    cache_dir: str | None = None  # the tokenized data's cache; null: $HF_DATASETS_CACHE/qdylora
 
 
 @dataclass
@@ -111,6 +116,12 @@ class RankScheduleConfig:
     min_rank: int = 1
     rank: int | None = None  # kind=fixed; null: r_max
     ranks_per_step: int = 4
+    # The fallbacks below are what runs saved before these keys existed did: no mixture, no sandwich,
+    # no distillation.
+    nested_ranks: Any = None  # null, powers, or a list of ranks: each chunk trains their mixture (lora.NestedRanks)
+    nested_weight: str = "one"  # s_r of the mixture: one, inverse, inverse_sqrt
+    sandwich: bool = False  # every step's ranks include min_rank and r_max
+    distill: float = 0.0  # weight of the KL to the step's top rank for the lower ranks' rows (0: labels only)
 
 
 @dataclass
@@ -123,6 +134,7 @@ class OptimizerConfig:
     scheduler: str = "constant"
     warmup_ratio: float = 0.03
     state_bits: int = 32  # 32 or 8: Adam's moments in float32, or 8-bit blockwise (as bitsandbytes' 8-bit optimizers)
+    slice_lr: float = 0.0  # γ: a rank slice's step times (the most-trained slice's steps / its own)^γ
     paged: str = "auto"  # auto (on with CUDA), true or false: the moments in CUDA unified memory
 
 
@@ -196,6 +208,9 @@ class ExportConfig:
     out_dir: str | None = None  # null: RUN_DIR/export/rank-B-FORMAT
     overwrite: bool = False
     allocation: str | None = None  # an allocation.json (a rank per module) instead of `rank`
+    pad: bool = False  # an allocation at one rank (its largest, zero-padded) for runtimes that need one (vLLM)
+    gguf_type: str | None = None  # gguf, gguf-lora: f32, f16, bf16, q8_0; null: f16
+    base_gguf: str | None = None  # gguf-lora: the base GGUF; null: RUN_DIR/export/rank-0-gguf-TYPE/model.gguf
 
 
 @dataclass
@@ -338,6 +353,22 @@ def _fraction(key: str, value: float) -> None:
         _fail(key, value, "a number in [0, 1)")
 
 
+def parse_nested_ranks(spec: Any, r_max: int, min_rank: int = 1) -> list[int] | None:
+    """`rank_schedule.nested_ranks` as a sorted list: null (none), `powers` (min_rank, the powers of two
+    between it and r_max, and r_max: 1, 2, 4, 8, 16 for r_max 16) or a list of ranks in 1..r_max."""
+    key = "rank_schedule.nested_ranks"
+    if spec is None:
+        return None
+    if spec == "powers":
+        return sorted({min_rank, r_max, *(1 << i for i in range(r_max.bit_length()) if min_rank < 1 << i < r_max)})
+    if isinstance(spec, str):  # Hydra hands a list typed on the command line over as a list already
+        _fail(key, spec, f"null, powers, or a list of ranks in 1..adapter.r_max ({r_max}), e.g. [1, 2, 4, 8, {r_max}]")
+    ranks = list(spec) if isinstance(spec, (list, tuple)) or hasattr(spec, "__iter__") else [spec]
+    if not ranks or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= r_max for r in ranks):
+        _fail(key, spec, f"null, powers, or a list of ranks in 1..adapter.r_max ({r_max}), e.g. [1, 2, 4, 8, {r_max}]")
+    return sorted(set(ranks))
+
+
 def looks_local(path: str) -> bool:
     """Paths (not hub ids): start with /, . or ~, or exist. `tiiuae/falcon-40b` is a hub id."""
     return path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
@@ -385,6 +416,10 @@ def validate_data(d: DataConfig, check_paths: bool, key: str = "data") -> None:
     _at_least(f"{key}.max_length", d.max_length, 2)
     if d.max_samples is not None:
         _at_least(f"{key}.max_samples", d.max_samples, 1)
+    if d.num_proc is not None:
+        _at_least(f"{key}.num_proc", d.num_proc, 1)
+    if d.cache_dir is not None and Path(d.cache_dir).expanduser().exists() and not Path(d.cache_dir).expanduser().is_dir():
+        _fail(f"{key}.cache_dir", d.cache_dir, "a directory (it is a file)")
     _validate_chat_keys(d, check_paths, key)
     if d.packing and (d.format == "text" or (d.format == "hf" and d.text_field is not None)):
         _fail(f"{key}.packing", d.packing, f"false for a text corpus (its blocks of {key}.block_size are already full)")
@@ -454,6 +489,19 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         # Frozen mode trains only slice b at each step; a fixed-rank (plain QLoRA) run must train all of 1..b.
         _fail("adapter.mode", a.mode, "full when rank_schedule.kind=fixed (a plain QLoRA baseline)")
     _at_least("rank_schedule.ranks_per_step", rs.ranks_per_step, 1)
+    rs.nested_ranks = parse_nested_ranks(rs.nested_ranks, a.r_max, rs.min_rank)
+    _choice("rank_schedule.nested_weight", rs.nested_weight, NESTED_WEIGHTS)
+    if rs.nested_ranks is not None and a.mode != "full":
+        _fail("adapter.mode", a.mode, "full with rank_schedule.nested_ranks (a mixture trains every slice of its ranks)")
+    if rs.kind == "matryoshka" and rs.nested_ranks is None:
+        _fail("rank_schedule.nested_ranks", None, "powers or a list of ranks with rank_schedule.kind=matryoshka "
+              "(without them it is a plain QLoRA run at r_max: use kind=fixed)")
+    if rs.sandwich and (rs.kind == "fixed" or rs.ranks_per_step < 2):
+        _fail("rank_schedule.sandwich", True, "false with kind=fixed or ranks_per_step < 2 (the sandwich is min_rank "
+              "and r_max among each step's ranks)")
+    if not 0 <= rs.distill <= 1:
+        _fail("rank_schedule.distill", rs.distill, "a number in [0, 1] (the share of the lower ranks' loss that is "
+              "the KL to the top rank)")
 
     if o.name in RETIRED_OPTIMIZERS:
         _fail("optimizer.name", o.name, "adamw: the bitsandbytes optimizers are gone (they move rank slices a "
@@ -468,6 +516,7 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         _fail("optimizer.betas", o.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
     _fraction("optimizer.warmup_ratio", o.warmup_ratio)
+    _at_least("optimizer.slice_lr", o.slice_lr, 0)
     if o.state_bits not in STATE_BITS:
         _fail("optimizer.state_bits", o.state_bits, "32 or 8 (bits per Adam moment value)")
     # YAML reads true/false as booleans, which the str field holds as "True"/"False"
@@ -556,11 +605,25 @@ def validate_export(cfg: ExportConfig, r_max: int) -> ExportConfig:
             _fail("allocation", cfg.allocation, "an allocation.json file (qdylora allocate writes RUN_DIR/allocate/allocation.json)")
     elif cfg.rank is None:
         raise QdyloraError("rank is required: set it with rank=VALUE (or allocation=PATH for a rank per module)")
-    low = 0 if cfg.format == "merged" else 1  # a merged rank 0 is the dequantized base alone
+    low = 0 if cfg.format in ("merged", "gguf") else 1  # a merged rank 0 is the dequantized base alone
     if cfg.rank is not None and not low <= cfg.rank <= r_max:
         _fail("rank", cfg.rank, f"a rank in {low}..{r_max} (the run's adapter.r_max)")
+    gguf = cfg.format in ("gguf", "gguf-lora")
     if cfg.dtype is not None:
+        if gguf:
+            _fail("dtype", cfg.dtype, f"null with format={cfg.format}: gguf_type sets the GGUF's precision")
         _choice("dtype", cfg.dtype, DTYPES)
+    if cfg.gguf_type is not None:
+        if not gguf:
+            _fail("gguf_type", cfg.gguf_type, "null unless format=gguf or format=gguf-lora")
+        _choice("gguf_type", cfg.gguf_type, GGUF_TYPES)
+    if cfg.base_gguf is not None and cfg.format != "gguf-lora":
+        _fail("base_gguf", cfg.base_gguf, "null unless format=gguf-lora (the base GGUF a LoRA adapter applies to)")
+    if cfg.pad:
+        if cfg.allocation is None:
+            _fail("pad", cfg.pad, "false with rank=B: every module has that one rank already (pad is for allocation=PATH)")
+        if cfg.format not in ("peft", "gguf-lora"):
+            _fail("pad", cfg.pad, f"false with format={cfg.format}: a merged model has no adapter ranks to pad")
     return cfg
 
 
@@ -670,7 +733,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
                    model=replace(m, name_or_path=fixed(m.name_or_path),
                                  tokenizer=m.tokenizer if m.tokenizer == "byte" else fixed(m.tokenizer)),
                    data=replace(d, path=d.path if d.path.startswith("builtin:") else fixed(d.path),
-                                val_path=fixed(d.val_path)))
+                                val_path=fixed(d.val_path),
+                                cache_dir=str(Path(d.cache_dir).expanduser().resolve()) if d.cache_dir else None))
 
 
 def flat_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -13,6 +13,10 @@ class ResourceError(QdyloraError):
     exit_code = 1
 
 
+class DiskFullError(ResourceError):
+    """A write found the disk (or quota) full: the message names what could not be written and where."""
+
+
 class Interrupted(Exception):
     """A signal stopped training once a checkpoint was saved; the CLI exits with 128 + the signal."""
 

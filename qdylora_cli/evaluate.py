@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import re
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,6 +365,29 @@ def recommend(
     return best, min(good)
 
 
+# --- the whole curve: AURAC ------------------------------------------------------------------------------
+
+
+def aurac(values: Mapping[int, float], r_max: int) -> float | None:
+    """The area under the rank curve `values` (rank -> loss or score; rank 0 is left out), normalised.
+
+    The rank axis is x = log2(b) / log2(r_max), 0 at rank 1 and 1 at r_max, so every octave of ranks
+    counts the same (ranks 1, 2, 4, ..., r_max are equally spaced) and runs of any r_max share one
+    axis. The curve is joined linearly between the ranks given (trapezoids) and the area divided by
+    the width of x they cover: the curve's mean height, in the metric's unit. With ranks 1..r_max that
+    is the area under the curve on [0, 1]; one rank alone (or r_max 1) gives its value. None: no rank.
+    """
+    points = sorted((b, v) for b, v in values.items() if b > 0)
+    if not points:
+        return None
+    if len(points) == 1 or r_max <= 1:
+        return statistics.fmean(v for _, v in points)
+    xs = [math.log2(b) / math.log2(r_max) for b, _ in points]
+    area = sum((x1 - x0) * (v0 + v1) / 2 for (x0, (_, v0)), (x1, (_, v1)) in zip(
+        zip(xs, points, strict=True), zip(xs[1:], points[1:], strict=True), strict=False))
+    return area / (xs[-1] - xs[0])
+
+
 # --- output --------------------------------------------------------------------------------------------
 
 
@@ -451,6 +475,10 @@ def print_table(rows: list[dict], summary: dict, metric: str) -> None:
         flat = "" if key == metric else f"; every rank has the same {metric.replace('_', ' ')}, so the loss decides"
         console.print(f"best rank: {best} ({key} {by[best]:.4f}); recommended: rank {rec} ({key} {by[rec]:.4f}, "
                       f"the smallest within {summary['tolerance']:.1%} of the best){flat}")
+    area = summary.get("aurac")
+    if area and area["ranks"][0] < area["ranks"][1]:
+        values = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in area.items() if k not in ("ranks", "r_max"))
+        console.print(f"AURAC (mean over log2 rank, ranks {area['ranks'][0]}..{area['ranks'][1]}): {values}")
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -491,7 +519,7 @@ def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[
     elif examples is not None:
         data = cfg.data or run_cfg.data
         val = tokenize_pairs(tokenizer, [e.prompt for e in examples], [e.target for e in examples], data)
-    elif cfg.data is None:
+    elif cfg.data is None:  # the run's own held-out rows, read from its cached tokens (only those rows)
         val = load_datasets(run_cfg.data, tokenizer, seed=run_cfg.train.seed)[1]
         if not val:
             raise QdyloraError(f"{cfg.run_dir} was trained without validation data (data.val_fraction=0); pass data=...")
@@ -499,7 +527,7 @@ def _loss_batches(cfg: EvalConfig, run_cfg: Any, tokenizer: Any, examples: list[
         data = cfg.data if cfg.data.val_path is not None else dataclasses.replace(cfg.data, val_fraction=0.0)
         train, val = load_datasets(data, tokenizer, seed=run_cfg.train.seed)
         val = val if cfg.data.val_path is not None else train
-    return eval_batches(val, cfg.batch_size, pad_token_id(tokenizer))[: cfg.max_batches]
+    return eval_batches(val, cfg.batch_size, pad_token_id(tokenizer), limit=cfg.max_batches)
 
 
 def run(cfg: EvalConfig) -> list[dict]:
@@ -556,6 +584,13 @@ def run(cfg: EvalConfig) -> list[dict]:
         "samples": len(examples) if examples is not None else sum(len(b["input_ids"]) for b in batches),
         "batches": len(batches), "best_rank": pick[0] if pick else None, "recommended_rank": pick[1] if pick else None,
     }
+    # The whole curve in one number per metric (MatryoshkaLoRA's AURAC): see `aurac`.
+    adapted = [r for r in by_rank if r > 0]
+    if adapted:
+        r_max = run_cfg.adapter.r_max
+        summary["aurac"] = {"ranks": [min(adapted), max(adapted)], "r_max": r_max,
+                            **{key: aurac({r: row[key] for r, row in by_rank.items()}, r_max)
+                               for key in dict.fromkeys(["loss", metric])}}
     print_table(rows, summary, metric)
     write_results(out, rows, summary, metric, cfg.overwrite, f"{run_dir.name}: {metric} by rank", generations)
     files = "ranks.json, ranks.csv, ranks.png, summary.json" + (f", {GENERATIONS}" if generations is not None else "")

@@ -35,24 +35,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
-from qdylora_cli.adapters import (
-    find_target_modules,
-    inject_adapters,
-    set_chunk_ranks,
-    set_rank,
-    trained_slices,
-)
+from qdylora_cli.adapters import find_target_modules, inject_adapters, set_rank, trained_slices
 from qdylora_cli.choices import GPUS
 from qdylora_cli.config import PlanConfig, TrainConfig
 from qdylora_cli.cuda_autocast import CudaAutocastPolicy
 from qdylora_cli.data import max_sequence_length
 from qdylora_cli.errors import QdyloraError, ResourceError, first_line
-from qdylora_cli.loading import dtype_kwarg, prequantized_nf4
+from qdylora_cli.loading import build_skeleton, prequantized_nf4
 from qdylora_cli.loss import token_losses
 from qdylora_cli.model import enable_gradient_checkpointing, torch_dtype
 from qdylora_cli.quant import NF4Linear, gpu_code_path
@@ -174,25 +169,41 @@ def model_config(cfg: TrainConfig) -> PretrainedConfig:
     return config
 
 
-def build_model(cfg: TrainConfig, config: PretrainedConfig) -> torch.nn.Module:
-    """The training model of `cfg` on fake tensors: target layers NF4 (as loading.py leaves them), adapters on."""
+def build_model(cfg: TrainConfig, config: PretrainedConfig, device: str = "cpu") -> torch.nn.Module:
+    """The training model of `cfg`, as the loader leaves it (target layers NF4) with adapters on; its
+    weights are left unset: the step's memory does not depend on them."""
     m, a, q = cfg.model, cfg.adapter, cfg.quant
     dtype = torch_dtype(m.dtype)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code, **dtype_kwarg(dtype))
-    model.requires_grad_(False)
+    model = build_skeleton(config, dtype=dtype, trust_remote_code=m.trust_remote_code)
     if q.type == "nf4":
         for name in find_target_modules(model, a.target_modules):
             parent, _, attr = name.rpartition(".")
             linear = model.get_submodule(name)
             setattr(model.get_submodule(parent), attr, NF4Linear(
                 linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=dtype,
-                blocksize=q.blocksize, double_quant=q.double_quant))
+                blocksize=q.blocksize, double_quant=q.double_quant, device=device))
+    _materialize(model, torch.device(device))
     inject_adapters(model, r_max=a.r_max, alpha=a.alpha, dropout=a.dropout, mode=a.mode, variant=a.variant,
                     scale=a.scale, target_modules=a.target_modules)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     return model
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """The skeleton's `meta` parameters as (unset) tensors on `device`, a tied one staying one tensor; its
+    buffers moved there."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                module._parameters[name] = made[id(p)]
+        for name, b in module._buffers.items():
+            if b is not None and b.device != device:
+                module._buffers[name] = b.to(device)
 
 
 def _weights(model: torch.nn.Module, memory: DeviceMemory) -> None:
@@ -209,6 +220,7 @@ class Measured:
 
     peaks: dict[str, tuple[int, dict[str, int]]]  # phase -> (bytes, bytes by category) at its peak
     state_bytes: int  # the optimizer state
+    allocator_peak: int | None = None  # on a GPU: torch.cuda.max_memory_allocated over the same step
 
     @property
     def peak(self) -> tuple[int, dict[str, int], str]:
@@ -216,27 +228,29 @@ class Measured:
         return (*self.peaks[phase], phase)
 
 
-def measure(cfg: TrainConfig, config: PretrainedConfig, length: int, *, fake: bool = True) -> Measured:
+def measure(cfg: TrainConfig, config: PretrainedConfig, length: int, *, on: str = "fake") -> Measured:
     """Build the model and count the bytes of a training step in the middle of a run (and of a validation pass).
 
     In the middle of a run the optimizer state exists, and with gradient accumulation every micro-batch
     but the first adds into gradients that exist: the one whose peak is measured here (zero gradients
-    stand for the earlier micro-batches; accumulating allocates exactly as after a real one). On fake
-    tensors (the plan), or with `fake=False` on real CPU tensors: the same accounting of the same ops,
-    which checks that fake tensors change nothing in it.
+    stand for the earlier micro-batches; accumulating allocates exactly as after a real one).
+    `on`: "fake" (the plan: fake CPU tensors), "cpu" (real CPU tensors: the same accounting of the same
+    ops, which checks that fake tensors change nothing in it) or "cuda" (a real GPU step, whose
+    allocator's peak is recorded beside: scripts/check_plan.py compares it with the plan).
     """
     t, a = cfg.train, cfg.adapter
+    device = "cuda" if on == "cuda" else "cpu"
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
     memory = DeviceMemory()
-    with (FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext(), gpu_code_path(), CudaAutocastPolicy(),
-          _rows_without_padding()):
-        model = build_model(cfg, config)
+    with (FakeTensorMode(allow_non_fake_inputs=True) if on == "fake" else nullcontext(), gpu_code_path(),
+          CudaAutocastPolicy() if device == "cpu" else nullcontext(), _rows_without_padding()):
+        model = build_model(cfg, config, device)
         optimizer = build_optimizer(cfg.optimizer, model)
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:  # a gradient is an op's output until autograd keeps it
             p.register_post_accumulate_grad_hook(lambda p: memory.retag(p.grad, "gradients"))
-        ids = torch.zeros(t.batch_size, length, dtype=torch.long)
-        autocast = (lambda: torch.autocast("cpu", low)) if low is not None else nullcontext
+        ids = torch.zeros(t.batch_size, length, dtype=torch.long, device=device)
+        autocast = (lambda: torch.autocast(device, low)) if low is not None else nullcontext
         with memory:
             _weights(model, memory)
             _optimizer_state(optimizer, params, memory)
@@ -246,6 +260,9 @@ def measure(cfg: TrainConfig, config: PretrainedConfig, length: int, *, fake: bo
                     p.grad = torch.zeros_like(p)
                     memory.retag(p.grad, "gradients")
             memory.reset_peaks()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             with memory.during("forward"), autocast():
                 loss = token_losses(model(input_ids=ids, use_cache=False).logits, ids).sum()
             with memory.during("backward"):
@@ -257,8 +274,9 @@ def measure(cfg: TrainConfig, config: PretrainedConfig, length: int, *, fake: bo
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if t.eval_every > 0:
-                _validation(model, ids, t.eval_ranks or [1, max(1, a.r_max // 4), a.r_max], autocast, memory)
-        return Measured(memory.peaks, memory.live["optimizer state"])
+                _validation(model, ids, autocast, memory)
+        allocator = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        return Measured(memory.peaks, memory.live["optimizer state"], allocator)
 
 
 @contextmanager
@@ -292,15 +310,11 @@ def _optimizer_state(optimizer: Any, params: list[torch.nn.Parameter], memory: D
 
 
 @torch.no_grad()
-def _validation(model: torch.nn.Module, ids: torch.Tensor, ranks: list[int], autocast: Callable[[], Any],
-                memory: DeviceMemory) -> None:
-    """The validation pass of training: up to 8 ranks share one forward, the batch repeated for each."""
-    ranks = ranks[:8]
+def _validation(model: torch.nn.Module, ids: torch.Tensor, autocast: Callable[[], Any], memory: DeviceMemory) -> None:
+    """The validation pass of training (train.validate): one rank per forward, the widest one counted."""
     model.eval()
     with memory.during("validation"), autocast():
-        set_chunk_ranks(model, ranks)
-        repeated = ids.repeat(len(ranks), 1)
-        token_losses(model(input_ids=repeated, use_cache=False).logits, repeated).sum()
+        token_losses(model(input_ids=ids, use_cache=False).logits, ids).sum()
     model.train()
 
 
@@ -411,15 +425,25 @@ def run(plan: PlanConfig) -> None:
     length, keys = max_sequence_length(cfg.data)
     measured = estimate(cfg, config, length)
     peak, by_category, phase = measured.peak
-    budget = int((gpu.gib - CUDA_CONTEXT_GIB) * GIB)
+    context = int(CUDA_CONTEXT_GIB * GIB)
+    budget = int(gpu.gib * GIB) - context
     fits = limits(cfg, config, length, peak, budget)
-    need = peak + CUDA_CONTEXT_GIB * GIB
-    _print(cfg, gpu, by_category, phase, need, f"sequence length {length} ({keys})")
+    _print(cfg, gpu, by_category, phase, peak + context, f"sequence length {length} ({keys})")
     print(f"fits on the {gpu.name}, each with the other settings as given: {_what_fits(fits)}")
-    print(f"peak {_size(need)} of {gpu.gib:.2f} GiB: {'fits' if peak <= budget else 'does not fit'} "
-          f"(planned in {time.perf_counter() - started:.0f}s)")
-    if peak > budget:
-        raise ResourceError(f"does not fit: one training step needs {_size(need)} and the {gpu.name} has "
+    paged = cfg.optimizer.paged != "false"  # on with CUDA and bitsandbytes (adapters/optim.py)
+    if paged:
+        # The driver may move the state to host RAM while forward and backward need the memory; the
+        # optimizer step prefetches it back, when activations are gone.
+        computing = max(total for p, (total, _) in measured.peaks.items() if p != "optimizer")
+        paged_peak = max(computing - measured.state_bytes, measured.peaks["optimizer"][0])
+        print(f"optimizer.paged: the optimizer state ({_size(measured.state_bytes)}) can wait in host RAM during "
+              f"forward and backward; the peak is then {_size(paged_peak + context)}")
+    verdict = ("fits" if peak <= budget else "fits with paging (slower: the state moves every step)"
+               if paged and paged_peak <= budget else "does not fit")
+    print(f"peak {_size(peak + context)} of {gpu.gib:.2f} GiB: {verdict} (planned in "
+          f"{time.perf_counter() - started:.0f}s)")
+    if verdict == "does not fit":
+        raise ResourceError(f"does not fit: one training step needs {_size(peak + context)} and the {gpu.name} has "
                             f"{gpu.gib:.2f} GiB; it fits with {_what_fits(fits)}")
 
 
@@ -435,7 +459,7 @@ def _what_fits(fits: Limits) -> str:
                       at_most("sequence length", fits.length)])
 
 
-def _print(cfg: TrainConfig, gpu: GPU, by_category: dict[str, int], phase: str, need: float, length: str) -> None:
+def _print(cfg: TrainConfig, gpu: GPU, by_category: dict[str, int], phase: str, need: int, length: str) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -27,6 +27,7 @@ writer can say who holds the run; it is informative only, the flock is what excl
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -45,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qdylora_cli.choices import RETIRED_OPTIMIZERS
 from qdylora_cli.config import TrainConfig, absolute_paths, flat_config, to_typed, validate_train
-from qdylora_cli.errors import QdyloraError, first_line
+from qdylora_cli.errors import DiskFullError, QdyloraError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +66,9 @@ LAST_RUN = "last_run.json"  # in the runs' parent folder: the name of the run tr
 # The seed and the shape of a step fix the order of the batches, and the saved data position counts in it.
 # optimizer.paged only says where the moments live; optimizer.state_bits (like every other optimizer
 # key) is fixed: the checkpoint holds the moments in its format.
-RESUMABLE = ("train.", "launcher.", "run_dir", "name", "overwrite", "optimizer.paged")
+# data.num_proc and data.cache_dir say how and where the data is tokenized, never what the tokens are.
+RESUMABLE = ("train.", "launcher.", "run_dir", "name", "overwrite", "optimizer.paged", "data.num_proc",
+             "data.cache_dir")
 FIXED_ON_RESUME = ("train.seed", "train.batch_size", "train.grad_accum", "launcher.num_processes")
 
 
@@ -203,6 +206,62 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+FULL_BELOW = 1 << 20  # free bytes under which a failed write is put down to a full disk
+_DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+# torch's writer reports a failed write without its errno ("unexpected pos", "file write failed")
+_TORCH_WRITE_WORDS = ("PytorchStreamWriter", "inline_container.cc", "iostream error", "file write failed")
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _free_bytes(path: Path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
+
+
+def write_failed(error: BaseException) -> bool:
+    """Whether `error` is a failed write (an OSError, safetensors' or torch's word for one), not a bug."""
+    return any(isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "I/O error" in str(e))
+               or any(w in str(e) for w in _TORCH_WRITE_WORDS) for e in _chain(error))
+
+
+def disk_full(error: BaseException, where: Path | None = None) -> bool:
+    """Whether `error` (or what caused it) means the disk or quota is full: ENOSPC/EDQUOT, safetensors'
+    message for them, or a torch write failure while `where`'s file system has (almost) nothing free."""
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(w in str(e) for w in _DISK_FULL_WORDS):
+            return True
+    torch_write = any(w in str(e) for e in _chain(error) for w in _TORCH_WRITE_WORDS)
+    return torch_write and where is not None and _free_bytes(where) < FULL_BELOW
+
+
+def _write_error(target: Path, error: BaseException, where: Path) -> QdyloraError | None:
+    """The one-line error for a failed write of `target` (None: not a write failure, a bug to show in full)."""
+    if disk_full(error, where):
+        return DiskFullError(f"disk full: cannot write {target} (No space left on device); nothing was replaced")
+    if not write_failed(error):
+        return None
+    cause = next((e for e in _chain(error) if isinstance(e, OSError)), error)
+    if isinstance(cause, OSError) and cause.strerror:
+        return QdyloraError(f"writing {target} failed: {cause.strerror} ({cause.filename or target}); "
+                            "nothing was replaced")
+    return QdyloraError(f"writing {target} failed ({first_line(error)}); nothing was replaced")
+
+
 @contextmanager
 def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `target` only once the block finishes without error.
@@ -220,31 +279,39 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
+        if disk_full(e):
+            raise DiskFullError(f"disk full: cannot write {target} (No space left on device)") from None
         raise QdyloraError(f"cannot write {target}: {e.strerror} ({e.filename})") from None
+    old = None
     try:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        (tmp / MANIFEST).write_text(json.dumps(
-            {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}, indent=1))
-        old = None
+        sums = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        with open(tmp / MANIFEST, "w") as fh:  # opened after the sums: it does not list itself
+            fh.write(json.dumps(sums, indent=1))
+            fh.flush()
+            os.fsync(fh.fileno())
         if target.exists():
             old = target.parent / f".old-{target.name}-{os.getpid()}"
             target.rename(old)
         tmp.rename(target)
         _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old)
-    except OSError as e:  # disk full, permissions, ...: the previous `target` is still in place
+    except BaseException as e:
+        # Disk full, permissions, ...: the previous `target` stays (put back if it was moved aside already).
+        # safetensors and torch report a full disk in their own words: classified before the cleanup frees space.
+        error = _write_error(target, e, tmp) if isinstance(e, Exception) and not isinstance(e, QdyloraError) else None
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno is None:
-            raise
-        raise QdyloraError(f"writing {target} failed: {e.strerror} ({e.filename}); nothing was replaced") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():
+            with contextlib.suppress(OSError):
+                old.rename(target)
+        if error is not None:
+            raise error from None
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_writable(path: Path, key: str | None = None) -> None:
@@ -266,15 +333,23 @@ def check_writable(path: Path, key: str | None = None) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a single file via a temporary name and rename."""
+    """Write a single file via a temporary name and rename: `path` is the old file or the new one, never
+    half of one. A full disk is one line (DiskFullError); any other OSError is raised, naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise DiskFullError(f"disk full: cannot write {path} (No space left on device); it was left as it was") from None
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def verify_dir(path: Path) -> str | None:
@@ -357,8 +432,11 @@ def latest_good_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
     """Write checkpoint `step` atomically with `write(tmp_dir)`, then drop all but the newest `keep_last`."""
     target = Path(run_dir) / CHECKPOINTS / f"step-{step}"
-    with atomic_dir(target, overwrite=True) as tmp:
-        write(tmp)
+    try:
+        with atomic_dir(target, overwrite=True) as tmp:
+            write(tmp)
+    except QdyloraError as e:  # a full disk: the checkpoints already written are all still there
+        raise type(e)(f"{e}; the last good checkpoint is {latest_good_checkpoint(run_dir) or 'none'}") from None
     for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -442,9 +520,9 @@ def record_last_run(run_dir: str | Path) -> None:
     record = run_dir.parent / LAST_RUN
     try:
         atomic_write_text(record, json.dumps({"run": run_dir.name, "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    except OSError as e:  # a convenience: the run trains without it, and the newest config.yaml stands in for it
+    except (OSError, DiskFullError) as e:  # a convenience: the run trains without it, the newest config.yaml stands in
         log.warning("could not write %s (%s): eval and export without run_dir= may open another run", record,
-                    e.strerror)
+                    getattr(e, "strerror", None) or e)
 
 
 def runs_in(folder: str | Path) -> list[Path]:

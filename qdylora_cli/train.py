@@ -33,6 +33,7 @@ from accelerate.utils import (
 from safetensors.torch import load_file, save_file
 
 from qdylora_cli.adapters import (
+    NestedRanks,
     RankAwareAdamW,
     RankSampler,
     adapter_parameters,
@@ -43,6 +44,7 @@ from qdylora_cli.adapters import (
     load_adapter_state_dict,
     ranks_of_rows,
     resolve_paged,
+    set_nested,
     set_rank,
     trained_slices,
 )
@@ -51,9 +53,10 @@ from qdylora_cli.data import (
     BatchStream,
     check_packing,
     collate,
-    load_datasets,
     max_sequence_length,
+    open_datasets,
     plan_steps,
+    prepare_datasets,
 )
 from qdylora_cli.distributed import (
     check_replicas,
@@ -64,7 +67,7 @@ from qdylora_cli.distributed import (
 )
 from qdylora_cli.errors import Interrupted, QdyloraError, ResourceError, is_out_of_memory
 from qdylora_cli.evaluate import rank_losses
-from qdylora_cli.loss import loss_tokens, token_losses
+from qdylora_cli.loss import distill_losses, loss_tokens, token_losses
 from qdylora_cli.model import (
     build_training_model,
     check_tokenizer_fits,
@@ -104,7 +107,7 @@ def build_optimizer(opt_cfg: OptimizerConfig, model: torch.nn.Module, paged: boo
     adapters = [a for _, a in iter_adapters(model)]
     return RankAwareAdamW(adapter_parameters(adapters), lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
                           eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay, state_bits=opt_cfg.state_bits,
-                          paged=paged)
+                          paged=paged, slice_lr=opt_cfg.slice_lr)
 
 
 def lr_lambda(kind: str, max_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -242,6 +245,7 @@ class Session:
     max_steps: int  # train.max_steps, or the steps of train.num_epochs
     step: int = 0
     tokens: int = 0
+    teacher_tokens: int = 0  # rank_schedule.distill: tokens of the teacher's extra forwards (all processes)
     drawn: list[int] = field(default_factory=list)  # ranks drawn by this process: part of the replica check
 
     @property
@@ -326,10 +330,10 @@ def _on_main(accelerator: Accelerator, work: Callable[[], Any]) -> Any:
         try:
             result = work()
         except QdyloraError as e:
-            error = str(e)
+            error = e  # the exception itself (it pickles): a full disk keeps its type and exit code
     result, error = _from_main(accelerator, (result, error))
     if error is not None:
-        raise QdyloraError(error)
+        raise error
     return result
 
 
@@ -357,7 +361,9 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     replacing = main and not t.resume and (run_dir / CONFIG).exists()  # overwrite=true (else refused)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    train_set, val_set = load_datasets(cfg.data, tokenizer, seed=t.seed)
+    # Tokenized once per run: the main process tokenizes (or finds the cache), the others wait, then map the same files.
+    prepared = _on_main(accelerator, lambda: prepare_datasets(cfg.data, tokenizer))
+    train_set, val_set = open_datasets(cfg.data, tokenizer, prepared, seed=t.seed)
     batches = BatchStream(train_set, t.batch_size, t.seed, cfg.data.group_by_length, tokenizer.pad_token_id,
                           accelerator.process_index, accelerator.num_processes,
                           pack_length=cfg.data.max_length if cfg.data.packing else None)
@@ -390,12 +396,15 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
         del base
     if resume_from is not None:  # before FSDP splits the adapters into shards
         load_adapter_state_dict(model, load_file(str(resume_from / ADAPTER_WEIGHTS)))
+    rs = cfg.rank_schedule
+    if rs.nested_ranks is not None:  # the training forward only: eval() and exports compute plain ranks
+        set_nested(model, NestedRanks(tuple(rs.nested_ranks), rs.nested_weight))
     if fsdp:
         make_nf4_shardable(model)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if accelerator.device.type == "cpu":
-        row = cfg.data.max_length if cfg.data.packing else sum(batches.lengths) / len(batches.lengths)
+        row = cfg.data.max_length if cfg.data.packing else int(batches.lengths.sum()) / len(batches.lengths)
         first = json.loads((resume_from / TRAINER_STATE).read_text()).get("cpu_threads") if resume_from else None
         set_cpu_threads("train.cpu_threads", t.cpu_threads, hidden_size=model.config.hidden_size,
                         tokens=round(row * t.batch_size), resumed=first)
@@ -409,9 +418,10 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     session = Session(
         cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=prepared, optimizer=optimizer, adamw=adamw,
         scheduler=scheduler, meta=meta, guard=NonFiniteGuard(t.max_bad_steps), max_steps=max_steps, batches=batches,
-        sampler=build_rank_sampler(cfg.rank_schedule.kind, r_max=cfg.adapter.r_max,
-                                   min_rank=cfg.rank_schedule.min_rank, rank=cfg.rank_schedule.rank, seed=t.seed),
-        val_batches=[collate(val_set[i:i + t.batch_size], pad) for i in range(0, len(val_set), t.batch_size)][: t.eval_batches],
+        sampler=build_rank_sampler(rs.kind, r_max=cfg.adapter.r_max, min_rank=rs.min_rank, rank=rs.rank, seed=t.seed,
+                                   sandwich=rs.sandwich),
+        val_batches=[collate(val_set[i:i + t.batch_size], pad)  # only the batches validation uses are read
+                     for i in range(0, min(len(val_set), t.eval_batches * t.batch_size), t.batch_size)],
         eval_ranks=sorted(set(t.eval_ranks or [1, max(1, cfg.adapter.r_max // 4), cfg.adapter.r_max])),
         reporter=None,  # needs the resumed step: below
     )
@@ -475,7 +485,7 @@ def train_loop(s: Session, stop: StopOnSignal) -> None:
         started = time.perf_counter()
         ranks = s.sampler.sample(s.cfg.rank_schedule.ranks_per_step)
         s.drawn += ranks
-        loss, tokens, trained = forward_backward(s, ranks)
+        loss, tokens, trained, teacher_tokens = forward_backward(s, ranks)
         s.adamw.mark_trained(trained_slices(tuple(trained), s.cfg.adapter.mode))
         grad_norm = acc.clip_grad_norm_(s.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         skipped = s.guard.skip(s.step + 1, loss, float(grad_norm), acc.scaler is not None, s.run_dir)
@@ -487,10 +497,12 @@ def train_loop(s: Session, stop: StopOnSignal) -> None:
         with warnings.catch_warnings():  # a skipped step still advances the schedule: the rate is a function of the step
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before `optimizer.step()`")
             s.scheduler.step()
-        s.step, s.tokens = s.step + 1, s.tokens + tokens
+        s.step, s.tokens, s.teacher_tokens = s.step + 1, s.tokens + tokens, s.teacher_tokens + teacher_tokens
         record = {"step": s.step, "loss": loss, "ranks": ranks, "lr": s.scheduler.get_last_lr()[0], "tokens": s.tokens,
                   "tokens_per_s": round(tokens / (time.perf_counter() - started), 1),
                   "elapsed": round(time.perf_counter() - s.reporter.started, 3)}
+        if s.cfg.rank_schedule.distill > 0:  # the extra compute, counted: tokens through the teacher's forwards
+            record["teacher_tokens"] = s.teacher_tokens
         if skipped:
             record.update(skipped=True, bad_steps=s.guard.in_a_row, skipped_total=s.guard.total)
         if t.eval_every > 0 and (s.step % t.eval_every == 0 or s.step == s.max_steps) and s.val_batches:
@@ -502,13 +514,21 @@ def train_loop(s: Session, stop: StopOnSignal) -> None:
             save_training_checkpoint(s)
 
 
-def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int, list[int]]:
+def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int, list[int], int]:
     """The step's micro-batches, each at its share of `ranks`: the step's mean token loss, its tokens (all
-    processes), and the ranks whose rows carried loss tokens on any process (the others trained nothing).
+    processes), the ranks whose rows carried loss tokens on any process (the others trained nothing),
+    and the tokens the distillation teacher forwarded (all processes, padding excluded; 0 without distillation).
 
     The loss is the mean over every loss token of the step, as one batch of all its micro-batches and
     processes would give (loss.py): a mean of micro-batch means would weigh the tokens of short
     micro-batches more.
+
+    With `rank_schedule.distill` = λ > 0 (in-place distillation, as slimmable networks train their
+    narrower widths): a row at a rank below the step's top rank learns (1 - λ)·cross-entropy +
+    λ·KL(top rank ‖ its rank) per loss token, the top rank's predictions for that row coming from one
+    extra forward, without gradient, of the rows below the top at the top rank (the teacher); rows at
+    the top rank learn from the labels alone. The teacher is the model as it stands before this
+    step's update (detached), in training mode like the rows it teaches.
     """
     t, acc = s.cfg.train, s.accelerator
     plan = assign_ranks(ranks, acc.num_processes, t.grad_accum, t.batch_size)[acc.process_index]
@@ -523,27 +543,53 @@ def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int, list[int
         counts = counts.to(acc.device)
         torch.distributed.all_reduce(counts)
     total = max(counts.sum().item(), 1.0)  # a step without loss tokens: zero loss, nothing trained
+    distill, top = s.cfg.rank_schedule.distill, max(ranks)
     loss_sum = torch.zeros((), device=acc.device)
+    teacher_tokens = torch.zeros((), device=acc.device)
     for micro_index, (rank, batch) in enumerate(micro):
-        set_rank(s.model, rank)
         batch = {name: v.to(acc.device) for name, v in batch.items()}
         labels = batch.pop("labels")
+        students = taught = teacher = None
+        if distill > 0:
+            students = (ranks_of_rows(rank, len(labels)) < top).to(acc.device)
+            # Every process forwards every micro-batch through the teacher when there are several: an FSDP
+            # forward is collective, so none may skip one. Alone, only the rows it teaches.
+            taught = torch.ones_like(students) if acc.num_processes > 1 else students
+            if taught.any():
+                set_rank(s.model, top)
+                with torch.no_grad(), acc.autocast():
+                    teacher = s.model(**{k: v[taught] for k, v in batch.items()}, use_cache=False).logits
+                # The same count as the step's tokens: padding excluded (packed rows have no mask: whole rows)
+                mask = batch.get("attention_mask")
+                teacher_tokens += mask[taught].sum() if mask is not None else batch["input_ids"][taught].numel()
+        set_rank(s.model, rank)
         # no_sync around backward too: FSDP2 reduces gradients in backward unless told not to.
         with nullcontext() if micro_index == len(plan) - 1 else acc.no_sync(s.model):
             with acc.autocast():
                 # No KV cache: with one, transformers would not read packed rows' position restarts.
                 logits = s.model(**batch, use_cache=False).logits
+                per_token = token_losses(logits, labels)
+                if teacher is not None:
+                    mix = students[taught]  # of the taught rows, those below the top rank
+                    kl = distill_losses(logits[taught][mix], teacher[mix], labels[taught][mix])
+                    rows = taught.nonzero().squeeze(1)[mix]
+                    per_token = per_token.index_put((rows,), (1 - distill) * per_token[rows] + distill * kl)
                 # Gradients are averaged over processes, hence the factor: the sum is over the step's tokens.
-                loss = token_losses(logits, labels).sum() * (acc.num_processes / total)
+                loss = per_token.sum() * (acc.num_processes / total)
             acc.backward(loss)
         loss_sum += loss.detach()
     trained = [b for b in range(1, len(counts)) if counts[b] > 0]
-    return acc.reduce(loss_sum, reduction="mean").item(), tokens * acc.num_processes, trained
+    if acc.num_processes > 1 and distill > 0:
+        torch.distributed.all_reduce(teacher_tokens)
+    return acc.reduce(loss_sum, reduction="mean").item(), tokens * acc.num_processes, trained, int(teacher_tokens.item())
 
 
 def validate(s: Session, ranks: list[int]) -> dict[int, float]:
-    """Validation loss at each rank (every process: FSDP's forward is collective)."""
-    return rank_losses(s.accelerator.unwrap_model(s.model), s.val_batches, ranks, device=s.accelerator.device)
+    """Validation loss at each rank (every process: FSDP's forward is collective). One rank per forward:
+    k ranks sharing one would hold k batches of logits, more than the training step itself needs with
+    a large vocabulary (`qdylora plan` measured 15 GiB at 3 ranks for Llama 3 8B, 2×2048 tokens)."""
+    return rank_losses(s.accelerator.unwrap_model(s.model), s.val_batches, ranks, ranks_per_pass=1,
+                       device=s.accelerator.device)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
@@ -557,6 +603,7 @@ def save_training_checkpoint(s: Session) -> Path:
     optimizer_state_dict = optimizer_state(unwrapped, s.optimizer)
     check_replicas(acc, adapters, s.drawn, s.step)
     state = {"step": s.step, "bad_steps": s.guard.in_a_row, "skipped_total": s.guard.total, "tokens": s.tokens,
+             "teacher_tokens": s.teacher_tokens,
              "data": s.batches.state_dict(), "sampler": s.sampler.state_dict(), "rng": rng_states(acc),
              "scheduler": s.scheduler.state_dict(),
              "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
@@ -587,7 +634,7 @@ def load_training_checkpoint(s: Session, path: Path) -> None:
         acc.scaler.load_state_dict(state["scaler"])
     rng = state["rng"]  # one per process; a single state in checkpoints before 0.2
     set_rng_state(rng[acc.process_index] if isinstance(rng, list) else rng)
-    s.step, s.tokens = state["step"], state.get("tokens", 0)
+    s.step, s.tokens, s.teacher_tokens = state["step"], state.get("tokens", 0), state.get("teacher_tokens", 0)
     s.guard.in_a_row, s.guard.total = state["bad_steps"], state.get("skipped_total", 0)
 
 

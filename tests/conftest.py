@@ -1,6 +1,9 @@
 """Shared test setup: offline Hugging Face, one CPU thread, and the optional ../shared assets."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # each other at every op (3x slower, docs/performance.md). One thread each,
 # here and in every `qdylora` the tests start.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tokenized data (and datasets' own caches) go to a folder of this session, never to the user's
+# ~/.cache; every `qdylora` the tests start inherits it.
+_DATA_CACHE = tempfile.mkdtemp(prefix="qdylora-tests-cache-")
+os.environ["HF_DATASETS_CACHE"] = _DATA_CACHE
+atexit.register(shutil.rmtree, _DATA_CACHE, ignore_errors=True)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES260K = SHARED / "models" / "stories260K"

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qdylora_cli.adapters import (
     DynamicRankLoRA,
+    NestedRanks,
     RankAwareAdamW,
     adapter_parameters,
     adapter_state_dict,
@@ -24,6 +25,7 @@ from qdylora_cli.adapters import (
     load_adapter_state_dict,
     merge_adapters,
     rank_scale,
+    set_nested,
     set_rank,
     trained_slices,
 )
@@ -382,6 +384,127 @@ def test_bad_ranks_and_options_are_clear_errors():
         DynamicRankLoRA(nn.Linear(4, 4), 0, 1.0)
     with pytest.raises(QdyloraError, match="one rank"):
         adapter.merged_linear((1, 2))
+
+
+# ---- nested mixtures (MatryoshkaLoRA) ----
+
+NESTED_S = {"one": lambda r: 1.0, "inverse": lambda r: 1.0 / r, "inverse_sqrt": lambda r: r ** -0.5}
+
+
+def mixture_by_hand(adapter, x, b, ranks, weight, scale, params=None):
+    """Σ_{r ∈ S_b} w_r · s(r)·x·A[:r]ᵀ·B[:, :r]ᵀ on the base, S_b = {r in ranks : r < b} ∪ {b}, w ∝ s_r, summing to 1."""
+    w, bias, A, B = weights(adapter)
+    if params is not None:
+        A, B = params
+    members = [r for r in ranks if r < b] + [b]
+    total = sum(NESTED_S[weight](r) for r in members)
+    y = F.linear(x, w, bias)
+    for r in members:
+        y = y + NESTED_S[weight](r) / total * SCALE_BY_HAND[scale](r) * x @ A[:r].T @ B[:, :r].T
+    return y
+
+
+@pytest.mark.parametrize("scale", list(SCALE_BY_HAND))
+@pytest.mark.parametrize("weight", list(NESTED_S))
+@pytest.mark.parametrize("base", ["linear", "nf4"])
+def test_nested_mixture_is_the_weighted_average_of_the_nested_updates(base, weight, scale):
+    """Training forward: x·(A ⊙ P)ᵀ·Bᵀ equals the average of the rank-r updates written out, one chunk per rank
+    b (b in S or not), with its gradient; in eval mode the same adapter computes plain rank b."""
+    adapter = make_adapter(mode="full", base=base, scale=scale)
+    S = (1, 2, 4, R_MAX)
+    set_nested(adapter, NestedRanks(S, weight))
+    ranks = (R_MAX, 3, 1, 4)
+    x = torch.randn(len(ranks) * 2, 5, 24)
+    adapter.train()
+    adapter.rank = ranks
+    got = adapter(x)
+    A = adapter.lora_A.detach().clone().requires_grad_()
+    B = adapter.lora_B.detach().clone().requires_grad_()
+    want = torch.cat([mixture_by_hand(adapter, x[2 * i:2 * i + 2], b, S, weight, scale, params=(A, B))
+                      for i, b in enumerate(ranks)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    target = torch.randn_like(got)
+    (got - target).pow(2).sum().backward()
+    (want - target).pow(2).sum().backward()
+    torch.testing.assert_close(adapter.lora_A.grad, A.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(adapter.lora_B.grad, B.grad, atol=1e-4, rtol=1e-4)
+    adapter.eval()  # evaluation, merging and export: rank b itself, whatever the training mixture was
+    for b in (1, 3, R_MAX):
+        adapter.rank = b
+        torch.testing.assert_close(adapter(x), lora_by_hand(adapter, x, b, scale), atol=1e-5, rtol=1e-5)
+
+
+def test_nested_column_weights_by_hand():
+    """P_i = Σ_{r ∈ S, r > i} w_r·s(r) for S = 1, 2, 4, 8, 16, s_r = 1, α 16, rank-stabilized s(r) = 4/√r."""
+    nested = NestedRanks((16, 1, 4, 2, 8, 4))  # sorted and deduplicated
+    assert nested.ranks == (1, 2, 4, 8, 16)
+    s = {r: 4 / math.sqrt(r) for r in (1, 2, 4, 8, 16)}
+    columns = nested.columns(16, lambda r: s[r], 16)
+    by_hand = [sum(s[r] for r in (1, 2, 4, 8, 16) if r > i) / 5 for i in range(16)]
+    assert columns == pytest.approx(by_hand, rel=1e-12)
+    assert columns[0] == pytest.approx((4 + 2 * math.sqrt(2) + 2 + math.sqrt(2) + 1) / 5)
+    assert columns[8:] == pytest.approx([0.2] * 8)
+    # At rank 6 (not in S): S_6 = 1, 2, 4, 6 with weights 1/r over their sum; nothing from column 6 on.
+    inverse = NestedRanks((1, 2, 4, 8, 16), "inverse")
+    w = {r: (1 / r) / (1 + 1 / 2 + 1 / 4 + 1 / 6) for r in (1, 2, 4, 6)}
+    assert inverse.members(6) == pytest.approx(list(w.items()))
+    assert inverse.columns(6, lambda r: 1.0, 8) == pytest.approx(
+        [1.0, 1 - w[1], w[4] + w[6], w[4] + w[6], w[6], w[6], 0.0, 0.0])
+    assert nested.members(0) == [] and nested.columns(0, lambda r: 1.0, 4) == [0.0] * 4
+
+
+@pytest.mark.parametrize("base", ["linear", "nf4"])
+def test_nested_dora_is_dora_of_the_mixed_weight(base):
+    """DoRA on a mixture: m ⊙ V/‖V‖_row with V = W + B·diag(P)·A, the norm a constant in backward."""
+    adapter = make_adapter(variant="dora", mode="full", base=base, scale="rank_stabilized")
+    S = (1, 2, 4, R_MAX)
+    set_nested(adapter, NestedRanks(S))
+    adapter.train()
+    x = torch.randn(2, 3, 24)
+    w, bias, A, B = weights(adapter)
+    for b in (1, 3, R_MAX):
+        adapter.rank = b
+        P = torch.tensor(adapter.nested.columns(b, adapter.rank_scale, R_MAX))
+        v = w + (B * P) @ A
+        want = F.linear(x, adapter.magnitude[:, None] * v / v.norm(dim=1, keepdim=True), bias)
+        torch.testing.assert_close(adapter(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_nested_steps_leave_the_slices_above_the_step_bit_identical():
+    """A chunk at rank b mixes ranks up to b only: slices above the step's top rank get no gradient, are not
+    marked trained, and never move."""
+    adapter = make_adapter(mode="full")
+    set_nested(adapter, NestedRanks((1, 2, 4, R_MAX)))
+    opt = RankAwareAdamW(adapter_parameters([adapter]), lr=1e-2, weight_decay=0.1)
+    for ranks in ((1, 4), (2, 3), (R_MAX, 1), (1, 2)):
+        adapter.rank = ranks
+        before_a, before_b = adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone()
+        adapter(torch.randn(8, 24)).pow(2).mean().backward()
+        top = max(ranks)
+        assert not adapter.lora_A.grad[top:].any() and not adapter.lora_B.grad[:, top:].any()
+        opt.mark_trained(trained_slices(ranks, "full"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert torch.equal(before_a[top:], adapter.lora_A[top:]) and torch.equal(before_b[:, top:], adapter.lora_B[:, top:])
+        assert not torch.equal(before_a[:top], adapter.lora_A[:top])
+
+
+def test_nested_ranks_need_full_mode_and_fit_r_max():
+    with pytest.raises(QdyloraError, match="adapter.mode=full"):
+        set_nested(make_adapter(mode="frozen"), NestedRanks((1, 2)))
+    with pytest.raises(QdyloraError, match="above adapter.r_max"):
+        set_nested(make_adapter(mode="full"), NestedRanks((1, R_MAX + 1)))
+    with pytest.raises(QdyloraError, match="nested_weight 'sqrt' is unknown"):
+        NestedRanks((1, 2), "sqrt")
+    with pytest.raises(QdyloraError, match="positive integers"):
+        NestedRanks((0, 2))
+    adapter = make_adapter(mode="full")
+    set_nested(adapter, NestedRanks((1, 2)))
+    set_nested(adapter, None)
+    adapter.train()
+    adapter.rank = 3
+    x = torch.randn(2, 24)
+    torch.testing.assert_close(adapter(x), lora_by_hand(adapter, x, 3))
 
 
 # ---- rank control and samplers ----

@@ -136,19 +136,20 @@ def test_peft_export_with_rank_pattern_equals_our_model(variant, scale, tmp_path
     meta = {"target_modules": names, "variant": variant, "scale": scale, "alpha": 8.0, "r_max": 4, "base_model": "x"}
     state, config = peft_adapter(adapter_state_dict(model), meta, allocation)
     assert config["rank_pattern"] and "model.layers.2.mlp.up_proj" not in config["target_modules"]
-    # Plain LoRA fields: lora_alpha/r is s(r), and each module at another rank b gets its own s(b)·b in
-    # alpha_pattern; alpha_over_rank needs none (s(b)·b is α at every b).
-    assert config["use_rslora"] is False
+    # Plain LoRA fields: lora_alpha/r is s(r), and no alpha_pattern at any scale: a module at another
+    # rank b carries s(b)·b/lora_alpha in its B, so one lora_alpha over each module's rank gives s(b).
+    assert config["use_rslora"] is False and config["alpha_pattern"] == {}
     r = config["r"]
     assert config["lora_alpha"] / r == pytest.approx(rank_scale(scale, 8.0, 4, r), rel=1e-6)
     keys = {peft_module_pattern(name): b for name, b in allocation.items() if b}
     assert config["rank_pattern"] == {key: b for key, b in keys.items() if b != r}
-    if scale == "alpha_over_rank":
-        assert config["alpha_pattern"] == {}
-    else:
-        assert config["alpha_pattern"].keys() == config["rank_pattern"].keys()
-        for key, alpha in config["alpha_pattern"].items():
-            assert alpha / keys[key] == pytest.approx(rank_scale(scale, 8.0, 4, keys[key]), rel=1e-6)
+    weights = adapter_state_dict(model)
+    for name, b in allocation.items():  # modules at r keep B bit for bit; the others differ by their factor
+        if b:
+            stored = state[f"base_model.model.{name}.lora_B.weight"]
+            factor = rank_scale(scale, 8.0, 4, b) * b / config["lora_alpha"]
+            assert torch.equal(stored, weights[f"{name}.lora_B"][:, :b]) if b == r or scale == "alpha_over_rank" else (
+                torch.allclose(stored, weights[f"{name}.lora_B"][:, :b] * factor, rtol=1e-6, atol=0))
     save_file(state, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
 
@@ -160,21 +161,40 @@ def test_peft_export_with_rank_pattern_equals_our_model(variant, scale, tmp_path
         uniform_4 = (set_rank(model, 4), model(input_ids=ids).logits)[1]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - uniform_4).abs().max() > 1e-3, "the allocation must differ from a uniform rank, or this proves nothing"
-    for name, b in allocation.items():  # PEFT read rank_pattern and alpha_pattern into each layer's s(b)
+    for name, b in allocation.items():  # PEFT read rank_pattern: each layer's own rank, lora_alpha/b
         if b:
             layer = theirs.base_model.model.get_submodule(name)
             assert layer.r["default"] == b
-            assert layer.scaling["default"] == pytest.approx(rank_scale(scale, 8.0, 4, b), rel=1e-6)
+            assert layer.scaling["default"] == pytest.approx(config["lora_alpha"] / b, rel=1e-6)
 
-    if variant == "lora":  # llama.cpp: each tensor's own rank, one lora_alpha for all, no alpha_pattern
-        llama_cpp = _small_llama(12)
+    if variant == "lora":
+        # llama.cpp: each tensor's own rank, one lora_alpha for all (convert_lora_to_gguf.py reads nothing else)
+        assert torch.allclose(_runtime(state, config, ids, per_tensor_rank=True), expected, rtol=1e-5, atol=1e-5)
+        # vLLM: one lora_alpha/r for every module: wrong for mixed ranks, exact once padded to one rank
+        assert not torch.allclose(_runtime(state, config, ids, per_tensor_rank=False), expected, rtol=1e-3, atol=1e-3)
+        padded, padded_config = peft_adapter(weights, meta, allocation, pad=True)
+        assert padded_config["rank_pattern"] == {} and padded_config["r"] == 4 == max(allocation.values())
+        assert {t.shape[0] for k, t in padded.items() if k.endswith("lora_A.weight")} == {4}
+        assert padded_config["target_modules"] == config["target_modules"]  # rank 0 still has no adapter
+        # padded B carries s(b)·R/lora_alpha, rounded once more than B at its own rank: float32-sized differences
+        torch.testing.assert_close(_runtime(padded, padded_config, ids, per_tensor_rank=False), expected, rtol=1e-4, atol=5e-5)
+        save_file(padded, str(tmp_path / "adapter_model.safetensors"))
+        (tmp_path / "adapter_config.json").write_text(json.dumps(padded_config))
+        theirs = peft.PeftModel.from_pretrained(_small_llama(12), str(tmp_path)).eval()
         with torch.no_grad():
-            for name in config["target_modules"]:
-                a, b = state[f"base_model.model.{name}.lora_A.weight"], state[f"base_model.model.{name}.lora_B.weight"]
-                llama_cpp.get_submodule(name).weight += (config["lora_alpha"] / b.shape[1]) * (b @ a)
-            got = llama_cpp(input_ids=ids).logits
-        # exact without alpha_pattern; with one, the README warns that llama.cpp gets other layers wrong
-        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5) == (scale == "alpha_over_rank")
+            torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=1e-4, atol=5e-5)
+
+
+def _runtime(state, config, ids, per_tensor_rank):
+    """A runtime that adds (lora_alpha / rank)·B·A to each weight, rank being each tensor's own (llama.cpp)
+    or the config's r (vLLM, which reads no rank_pattern); rank_pattern and alpha_pattern are never read."""
+    model = _small_llama(12)
+    with torch.no_grad():
+        for name in config["target_modules"]:
+            a, b = state[f"base_model.model.{name}.lora_A.weight"], state[f"base_model.model.{name}.lora_B.weight"]
+            rank = b.shape[1] if per_tensor_rank else config["r"]
+            model.get_submodule(name).weight += (config["lora_alpha"] / rank) * (b @ a)
+        return model(input_ids=ids).logits
 
 
 # --- the search ----------------------------------------------------------------------------------------

@@ -346,8 +346,8 @@ def test_export_config(run_dir):
         compose_config("export", [f"run_dir={run_dir}"])
     with pytest.raises(QdyloraError, match=r"rank=9: expected a rank in 1..8"):
         compose_config("export", [f"run_dir={run_dir}", "rank=9"])
-    with pytest.raises(QdyloraError, match="format='gguf'"):
-        compose_config("export", [f"run_dir={run_dir}", "rank=4", "format=gguf"])
+    with pytest.raises(QdyloraError, match="format='onnx': expected one of peft, merged, gguf, gguf-lora"):
+        compose_config("export", [f"run_dir={run_dir}", "rank=4", "format=onnx"])
 
 
 def test_eval_and_export_find_the_run_of_a_recipe(tmp_path, monkeypatch):

@@ -158,7 +158,7 @@ def test_text_blocks_and_tail_validation(tmp_path, tok):
     train, val = load_datasets(_cfg(tmp_path / "t.txt", format="text", block_size=64, val_fraction=0.1), tok, seed=0)
     ids = tok(text)["input_ids"]
     assert all(len(b["input_ids"]) == 64 for b in train[:-1])
-    stream = [t for b in train + val for t in b["input_ids"]]
+    stream = [t for b in [*train, *val] for t in b["input_ids"]]
     assert stream == ids  # train then validation, in order: the held-out part is the tail
     assert sum(len(b["input_ids"]) for b in val) == round(len(ids) * 0.1)
     capped, _ = load_datasets(_cfg(tmp_path / "t.txt", format="text", block_size=64, max_samples=2), tok, seed=0)

@@ -169,14 +169,17 @@ def test_fsdp2_shards_the_nf4_codes_and_trains_like_one_process(tmp_path):
 
 def test_two_processes_through_the_cli_draw_the_same_ranks_and_hold_the_same_adapters(tmp_path):
     """`launcher.num_processes=2` re-launches the CLI under accelerate; at every checkpoint each
-    process logs a fingerprint of its adapters and of the ranks it drew, and they must agree."""
-    run_dir = tmp_path / "run"
+    process logs a fingerprint of its adapters and of the ranks it drew, and they must agree.
+    The data is tokenized once: by the main process, while the other waits and then maps the same files."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
     cmd = [sys.executable, "-m", "qdylora_cli", "train", "+recipe=tiny", "launcher.num_processes=2",
            f"run_dir={run_dir}", "train.max_steps=3", "train.save_every=1", "train.eval_every=0",
-           "train.batch_size=4", "train.log_every=1"]
+           "train.batch_size=4", "train.log_every=1", f"data.cache_dir={cache}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     logs = " ".join((out.stdout + out.stderr).split())  # rich wraps long lines
+    assert logs.count("data: tokenized builtin:tiny-instructions") == 1 and "data: reused" not in logs
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1 and not list(cache.glob(".tmp-*"))
     prints = re.findall(r"process (\d)/2 at step (\d+): adapters and ranks fingerprint (\w+)", logs)
     by_step: dict[str, dict[str, str]] = {}
     for process, step, value in prints:

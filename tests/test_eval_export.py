@@ -402,7 +402,10 @@ def test_vllm_max_lora_rank_is_the_smallest_cap_that_holds_the_rank():
     assert vllm_max_lora_rank(513) is None
     # an allocation's largest rank may be in rank_pattern rather than r
     config = {"use_dora": False, "r": 4, "rank_pattern": {"model\\.layers\\.0\\.mlp\\.up_proj": 17}}
-    assert serving_note(config) == "serve it with vLLM --max-lora-rank 32 or more (its largest rank is 17)"
+    assert serving_note(config) == ("serve it with vLLM --max-lora-rank 32 or more (its largest rank is 17); only once "
+                                    "exported with pad=true: vLLM reads no rank_pattern and would scale every layer by lora_alpha/r")
+    assert serving_note({**config, "r": 17, "rank_pattern": {}}) == (
+        "serve it with vLLM --max-lora-rank 32 or more (its largest rank is 17)")  # one rank (padded): nothing to add
     assert "above its largest --max-lora-rank (512)" in serving_note({**config, "r": 600})
     assert serving_note({**config, "use_dora": True}) == "vLLM does not serve DoRA adapters"
 

@@ -406,3 +406,37 @@ def test_8bit_state_with_fsdp_is_refused_in_one_line_before_the_model_loads(tmp_
     with pytest.raises(QdyloraError) as error:
         train.run(_tiny(tmp_path / "run", "optimizer.state_bits=8"))
     assert str(error.value).startswith("optimizer.state_bits=8 does not work with FSDP") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("state_bits", [32, 8])
+def test_slice_lr_scales_each_slice_step_by_its_rarity(state_bits):
+    """γ = slice_lr: a slice trained n_i times moves (n_max/n_i)^γ times as far as plain rank-aware AdamW
+    moves it; untrained slices stay bit-identical; γ = 0 is plain rank-aware AdamW."""
+    gamma = 0.7
+    torch.manual_seed(0)
+    A0, B0 = torch.randn(4, 3), torch.randn(5, 4)
+    grads = [(torch.randn(4, 3), torch.randn(5, 4)) for _ in range(3)]
+    marks = [[(0, 4)], [(0, 2)], [(0, 4)]]  # counts after them: 3, 3, 2, 2
+
+    def run(slice_lr, steps):
+        A, B = torch.nn.Parameter(A0.clone()), torch.nn.Parameter(B0.clone())
+        opt = RankAwareAdamW([(A, 0), (B, 1)], lr=1e-2, state_bits=state_bits, slice_lr=slice_lr)
+        for (ga, gb), mark in list(zip(grads, marks))[:steps]:
+            A.grad, B.grad = ga.clone(), gb.clone()
+            opt.mark_trained(mark)
+            opt.step()
+        return A.detach(), B.detach()
+
+    for steps in (1, 2):  # every trained slice as often as the most-trained one: factor 1, the plain update
+        for got, want in zip(run(gamma, steps), run(0.0, steps)):
+            assert torch.equal(got, want)
+    before = run(0.0, 2)
+    plain, scaled = run(0.0, 3), run(gamma, 3)
+    factor = torch.tensor([1.0, 1.0, 1.5 ** gamma, 1.5 ** gamma])
+    torch.testing.assert_close(scaled[0] - before[0], (plain[0] - before[0]) * factor[:, None], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(scaled[1] - before[1], (plain[1] - before[1]) * factor[None, :], rtol=1e-5, atol=1e-8)
+    after_two = run(gamma, 2)  # step 2 trained slices 0, 1: slices 2, 3 did not move in it
+    after_one = run(gamma, 1)
+    assert torch.equal(after_two[0][2:], after_one[0][2:]) and torch.equal(after_two[1][:, 2:], after_one[1][:, 2:])
+    with pytest.raises(QdyloraError, match="slice_lr"):
+        RankAwareAdamW([(torch.nn.Parameter(A0.clone()), 0)], slice_lr=-0.5)

@@ -207,7 +207,9 @@ def test_resume_with_packing_is_bit_identical(tmp_path):
     _, (first, _) = _batches_per_epoch(_packed_tiny(straight), 2)
     assert 6 < first < 12
     state = json.loads((straight / "checkpoints" / "step-6" / "trainer_state.json").read_text())
+    data = state.pop("data")  # what the data was (datacache.py): a resume onto other data says so
     assert state == {"step": 6, "epoch": 1, "index": 12 - first, "cpu_threads": 1}  # conftest: one thread
+    assert data == load_datasets(_packed_tiny(straight).data, byte_tokenizer(), seed=42)[0].fingerprint
 
 
 def test_num_epochs_sets_the_steps_and_the_run_says_so(tmp_path, caplog):

@@ -37,7 +37,7 @@ def test_fake_tensors_count_what_real_tensors_count(precision):
     tensors (within 2%): fake tensors change the cost of a step, not its allocations."""
     cfg, config, length = _planned("+recipe=tiny", f"train.mixed_precision={precision}", "train.grad_accum=2",
                                    "adapter.dropout=0.1", "train.gradient_checkpointing=true")
-    fake, real = plan.measure(cfg, config, length), plan.measure(cfg, config, length, fake=False)
+    fake, real = plan.measure(cfg, config, length), plan.measure(cfg, config, length, on="cpu")
     assert fake.peaks.keys() == real.peaks.keys() == {"forward", "backward", "optimizer", "validation"}
     _agree(fake, real)
     trainable = sum(p.numel() for p in plan.build_model(cfg, config).parameters() if p.requires_grad)
@@ -48,7 +48,7 @@ def test_fake_tensors_count_what_real_tensors_count(precision):
 def test_fake_and_real_agree_on_stories260k(stories260k):
     cfg, config, length = _planned("model=hf", f"model.name_or_path={stories260k}", "data=text", "data.path=x.txt",
                                    "data.block_size=256", "train.batch_size=4", "adapter.r_max=16")
-    _agree(plan.measure(cfg, config, length), plan.measure(cfg, config, length, fake=False))
+    _agree(plan.measure(cfg, config, length), plan.measure(cfg, config, length, on="cpu"))
 
 
 def test_two_shallow_models_give_the_full_depth_exactly():

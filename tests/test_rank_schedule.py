@@ -86,3 +86,54 @@ def test_every_kind_is_registered_configured_and_selectable():
         assert (CONF / f"{kind}.yaml").exists(), kind
         if kind != "fixed":  # fixed needs mode full; checked in test_config
             assert compose_config("train", [f"rank_schedule={kind}"]).rank_schedule.kind == kind
+
+
+def test_matryoshka_always_draws_r_max():
+    s = build_rank_sampler("matryoshka", r_max=16, seed=3)
+    assert probs(s) == [0.0] * 15 + [1.0]
+    assert all(s.sample(k) == [16] * k for k in (1, 4) for _ in range(200))
+    cfg = compose_config("train", ["rank_schedule=matryoshka", "adapter.r_max=16"]).rank_schedule
+    assert (cfg.kind, cfg.nested_ranks, cfg.nested_weight, cfg.ranks_per_step) == ("matryoshka", [1, 2, 4, 8, 16], "one", 1)
+
+
+def test_sandwich_draws_min_rank_r_max_and_the_rest_stratified():
+    sandwich = build_rank_sampler("uniform", r_max=16, min_rank=2, seed=5, sandwich=True)
+    plain = build_rank_sampler("uniform", r_max=16, min_rank=2, seed=5)
+    for _ in range(300):
+        ranks = sandwich.sample(4)
+        assert ranks[0] == 2 and ranks[-1] == 16 and ranks == sorted(ranks)
+        assert ranks[1:3] == plain.sample(2)  # the middle: the plain sampler's stratified draws of k - 2
+    assert build_rank_sampler("octave", r_max=8, seed=0, sandwich=True).sample(2) == [1, 8]
+    with pytest.raises(QdyloraError, match="ranks_per_step >= 2"):
+        sandwich.sample(1)
+    resumed = build_rank_sampler("uniform", r_max=16, min_rank=2, seed=0, sandwich=True)
+    state = sandwich.state_dict()
+    expected = [sandwich.sample(4) for _ in range(20)]
+    resumed.load_state_dict(state)
+    assert [resumed.sample(4) for _ in range(20)] == expected
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["rank_schedule.nested_ranks=[1,4,99]"], r"rank_schedule.nested_ranks=.*1..adapter.r_max \(16\)"),
+    (["rank_schedule.nested_ranks=halves"], "rank_schedule.nested_ranks='halves'"),
+    (["rank_schedule.nested_ranks=powers", "rank_schedule.nested_weight=sqrt"], "rank_schedule.nested_weight"),
+    (["rank_schedule.nested_ranks=powers", "adapter.mode=frozen"], "adapter.mode='frozen'"),
+    (["rank_schedule=matryoshka", "rank_schedule.nested_ranks=null"], "kind=fixed"),
+    (["rank_schedule.sandwich=true", "rank_schedule.ranks_per_step=1"], "rank_schedule.sandwich"),
+    (["rank_schedule=fixed", "rank_schedule.sandwich=true", "adapter.mode=full"], "rank_schedule.sandwich"),
+    (["rank_schedule.distill=1.5"], r"rank_schedule.distill=1.5: expected a number in \[0, 1\]"),
+    (["optimizer.slice_lr=-1"], "optimizer.slice_lr"),
+])
+def test_round_2_keys_are_checked_in_one_line(overrides, message):
+    with pytest.raises(QdyloraError, match=message):
+        compose_config("train", ["adapter.r_max=16", *overrides])
+
+
+def test_nested_ranks_spellings():
+    def nested(spec, r_max=16, low=1):
+        return compose_config("train", [f"adapter.r_max={r_max}", f"rank_schedule.min_rank={low}",
+                                        f"rank_schedule.nested_ranks={spec}"]).rank_schedule.nested_ranks
+
+    assert nested("powers") == [1, 2, 4, 8, 16] and nested("powers", 12) == [1, 2, 4, 8, 12]
+    assert nested("powers", 16, 3) == [3, 4, 8, 16] and nested("[8,1,4,4]") == [1, 4, 8]
+    assert nested("null") is None

@@ -9,7 +9,14 @@ from qdylora_cli.adapters.inject import (
     load_adapter_state_dict,
     merge_adapters,
 )
-from qdylora_cli.adapters.lora import DynamicRankLoRA, base_weight, check_rank, rank_scale, trained_slices
+from qdylora_cli.adapters.lora import (
+    DynamicRankLoRA,
+    NestedRanks,
+    base_weight,
+    check_rank,
+    rank_scale,
+    trained_slices,
+)
 from qdylora_cli.adapters.optim import (
     RankAwareAdamW,
     adapter_parameters,
@@ -24,12 +31,14 @@ from qdylora_cli.adapters.rank import (
     ranks_by_module,
     ranks_of_rows,
     set_chunk_ranks,
+    set_nested,
     set_rank,
 )
 
 __all__ = [
     "RANK_WEIGHTS",
     "DynamicRankLoRA",
+    "NestedRanks",
     "RankAwareAdamW",
     "RankSampler",
     "adapter_parameters",
@@ -49,6 +58,7 @@ __all__ = [
     "ranks_of_rows",
     "resolve_paged",
     "set_chunk_ranks",
+    "set_nested",
     "set_rank",
     "trained_slices",
     "upgrade_per_slice_state",

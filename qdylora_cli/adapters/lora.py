@@ -7,19 +7,25 @@ A (r_max×in) and B (out×r_max) are one parameter each, as in any LoRA; the act
 (`A[:b]`, `B[:, :b]`). Slices above the active rank are not in the graph and get a zero gradient;
 which slices a step *trained* is `trained_slices`, and `RankAwareAdamW` (optim.py) updates only
 those, so a slice no step used never moves (no weight decay, no momentum drift).
+
+In training, a layer may also compute a *nested mixture* at rank b (`NestedRanks`, MatryoshkaLoRA's
+idea): the weighted average of the rank-r updates of every nested rank r up to b, which is one
+matmul with a weight per column. Rank b itself, in evaluation, merging and export, never changes.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdylora_cli.choices import ADAPTER_MODES, ADAPTER_SCALES, ADAPTER_VARIANTS
+from qdylora_cli.choices import ADAPTER_MODES, ADAPTER_SCALES, ADAPTER_VARIANTS, NESTED_WEIGHTS
 from qdylora_cli.errors import QdyloraError
 
 if TYPE_CHECKING:
@@ -42,6 +48,59 @@ def rank_scale(scale: str, alpha: float, r_max: int, b: int) -> float:
     if scale == "constant":
         return alpha / r_max
     raise QdyloraError(f"adapter.scale {scale!r} is unknown; expected one of {', '.join(ADAPTER_SCALES)}")
+
+
+_NESTED_WEIGHT: dict[str, Callable[[int], float]] = {
+    "one": lambda r: 1.0, "inverse": lambda r: 1.0 / r, "inverse_sqrt": lambda r: r ** -0.5,
+}
+
+
+@dataclass(frozen=True)
+class NestedRanks:
+    """A MatryoshkaLoRA-style training mixture: at rank b a layer computes the weighted average of the
+    updates of the nested ranks S_b = {r in `ranks` : r < b} ∪ {b},
+
+        Σ_{r ∈ S_b} w_r · s(r)·x·A[:r]ᵀ·B[:, :r]ᵀ,   w_r = s_r / Σ_{r' ∈ S_b} s_{r'},
+
+    s_r from `weight` (`one`: 1, `inverse`: 1/r, `inverse_sqrt`: 1/√r) and s(r) the adapter's scale.
+    Slice i (0-based) is in every rank r > i, so the sum is one matmul, `x·(A ⊙ P)ᵀ·Bᵀ` with the
+    column weights P_i = Σ_{r ∈ S_b, r > i} w_r·s(r) (`columns`). Its gradient to slice i is, to
+    first order in the update, the gradient of Σ_r w_r·loss(rank r): every nested rank is trained
+    in every row, with no sampling, against the one forward of their average.
+
+    Each rank r here is the rank r of evaluation and export (A[:r], B[:, :r], s(r)), so a run trained
+    with a mixture exports exactly as any other; only the training forward differs. Rank b = 0
+    contributes nothing.
+    """
+
+    ranks: tuple[int, ...]
+    weight: str = "one"
+
+    def __post_init__(self) -> None:
+        if self.weight not in NESTED_WEIGHTS:
+            raise QdyloraError(f"rank_schedule.nested_weight {self.weight!r} is unknown; expected one of "
+                               f"{', '.join(NESTED_WEIGHTS)}")
+        if not self.ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.ranks):
+            raise QdyloraError(f"nested ranks must be positive integers, got {list(self.ranks)}")
+        if list(self.ranks) != sorted(set(self.ranks)):
+            object.__setattr__(self, "ranks", tuple(sorted(set(self.ranks))))
+
+    def members(self, b: int) -> list[tuple[int, float]]:
+        """(r, w_r) of the mixture at rank b: the nested ranks below b, and b; weights summing to 1."""
+        if b == 0:
+            return []
+        ranks = [r for r in self.ranks if r < b] + [b]
+        raw = [_NESTED_WEIGHT[self.weight](r) for r in ranks]
+        total = sum(raw)
+        return [(r, w / total) for r, w in zip(ranks, raw, strict=True)]
+
+    def columns(self, b: int, scale: Callable[[int], float], top: int) -> list[float]:
+        """P at rank b over `top` columns: column i weighs Σ_{r ∈ S_b, r > i} w_r·s(r); 0 from column b on."""
+        weights = [0.0] * top
+        for r, w in self.members(b):
+            for i in range(min(r, top)):
+                weights[i] += w * scale(r)
+        return weights
 
 
 def trained_slices(ranks: Rank, mode: str) -> list[tuple[int, int]]:
@@ -93,6 +152,10 @@ class DynamicRankLoRA(nn.Module):
     several ranks per training step, with one base matmul). Mode `full` trains slices 1..b at rank
     b; `frozen` trains only slice b, each chunk's gradient reaching its own slice b alone. Adapter
     parameters are float32 master weights; the adapter path computes in the input's dtype.
+
+    `nested` (a `NestedRanks`, set by `set_nested`; mode `full` only) makes a chunk at rank b compute
+    the nested mixture instead of rank b, in training mode only: `eval()` (evaluation, generation)
+    always computes rank b itself.
     """
 
     def __init__(
@@ -130,6 +193,7 @@ class DynamicRankLoRA(nn.Module):
                 w = base_weight(base)
                 self.magnitude = nn.Parameter(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32))
         self._rank: Rank = r_max
+        self.nested: NestedRanks | None = None
 
     @property
     def rank(self) -> Rank:
@@ -141,6 +205,11 @@ class DynamicRankLoRA(nn.Module):
 
     def rank_scale(self, b: int) -> float:
         return rank_scale(self.scale, self.alpha, self.r_max, b)
+
+    @property
+    def mixing(self) -> bool:
+        """Whether forward computes nested mixtures (a `nested` set, and training mode)."""
+        return self.nested is not None and self.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ranks = self._rank if isinstance(self._rank, tuple) else (self._rank,)
@@ -166,7 +235,7 @@ class DynamicRankLoRA(nn.Module):
             keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout)
         frozen = self.mode == "frozen" and torch.is_grad_enabled()
         h = _dropout_linear(x, A.detach() if frozen else A, keep, self.dropout)
-        columns = self._rank_columns(ranks, top) if len(ranks) > 1 else None
+        columns = self._rank_columns(ranks, top) if len(ranks) > 1 or self.mixing else None
         if frozen:  # gradient to A only through column b-1 of a rank-b chunk (the value is unchanged)
             trained = self._slice_columns(ranks, top).to(h.dtype)
             h_a = _dropout_linear(x.detach(), A, keep, self.dropout)
@@ -179,7 +248,11 @@ class DynamicRankLoRA(nn.Module):
         return delta
 
     def _rank_columns(self, ranks: tuple[int, ...], top: int) -> torch.Tensor:
-        """(len(ranks), top): s(b) on the first b columns of row i (b = ranks[i]), zero elsewhere."""
+        """(len(ranks), top): s(b) on the first b columns of row i (b = ranks[i]), zero elsewhere; while
+        mixing, the nested mixture's column weights at b instead."""
+        if self.mixing:
+            rows = [self.nested.columns(b, self.rank_scale, top) for b in ranks]
+            return torch.tensor(rows, dtype=torch.float32, device=self.lora_A.device)
         cols = torch.arange(top, device=self.lora_A.device)
         b = torch.tensor(ranks, device=cols.device)
         scales = torch.tensor([self.rank_scale(r) if r else 0.0 for r in ranks], device=cols.device)
@@ -197,7 +270,10 @@ class DynamicRankLoRA(nn.Module):
         output already contains the bias, hence `+ (1 - m/n) ⊙ bias` to leave the bias unscaled.
         """
         weight = base_weight(self.base)
-        norms = self._dora_norms(weight, ranks, top)
+        if self.mixing:  # the norm of the weight the mixture applies, W + B·diag(P)·A
+            norms = self._dora_column_norms(weight, self._rank_columns(ranks, top))
+        else:
+            norms = self._dora_norms(weight, ranks, top)
         scale = self.magnitude / norms  # (k, out); the norm is a constant in backward (DoRA §4.3)
         if 0 in ranks:  # adapters off: the base output, whatever the magnitude has learnt
             scale = torch.where(torch.tensor(ranks, device=scale.device)[:, None] == 0, 1.0, scale)
@@ -229,6 +305,26 @@ class DynamicRankLoRA(nn.Module):
                 quad = ((bb @ aa[:b, :b]) * bb).sum(dim=1)
                 per_rank[b] = (w2 + 2 * s * cross + s * s * quad).clamp(min=1e-12).sqrt()
         return torch.stack([per_rank[b] for b in ranks])
+
+    @torch.no_grad()
+    def _dora_column_norms(self, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Row norms of `W + B·diag(c)·A` for each row c of `columns` (k, top): (k, out), float32.
+
+        `_dora_norms` with a weight per column instead of s(b) on the first b: ‖W‖² + 2·Σ (B⊙c)⊙(W·Aᵀ)
+        + Σ (B⊙c)⊙((B⊙c)·A·Aᵀ).
+        """
+        with torch.autocast(weight.device.type, enabled=False):
+            top = columns.shape[1]
+            A, B = self.lora_A[:top], self.lora_B[:, :top]
+            w2 = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+            wa = F.linear(weight, A.to(weight.dtype)).float()
+            aa = A @ A.T
+            norms = []
+            for c in columns:
+                bc = B * c
+                cross, quad = (bc * wa).sum(dim=1), ((bc @ aa) * bc).sum(dim=1)
+                norms.append((w2 + 2 * cross + quad).clamp(min=1e-12).sqrt())
+        return torch.stack(norms)
 
     @torch.no_grad()
     def merged_linear(self, rank: int, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -277,8 +373,9 @@ class DynamicRankLoRA(nn.Module):
             self.magnitude.copy_(state["magnitude"])
 
     def extra_repr(self) -> str:
+        nested = "" if self.nested is None else f", nested={list(self.nested.ranks)}/{self.nested.weight}"
         return (f"r_max={self.r_max}, alpha={self.alpha}, scale={self.scale}, mode={self.mode}, "
-                f"variant={self.variant}, rank={self._rank}")
+                f"variant={self.variant}, rank={self._rank}{nested}")
 
 
 def _dropout_linear(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:

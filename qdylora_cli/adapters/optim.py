@@ -11,6 +11,11 @@ Parameters carry a slice dimension: 0 for A (a slice is a row), 1 for B (a colum
 parameters every step trains (DoRA's magnitude). Under FSDP2 each process holds rows of A and B
 (dim 0); the trained rows of A are intersected with the local ones.
 
+`slice_lr` = γ > 0 scales the step of each slice by (n_max / n_i)^γ, n_i its own step count and
+n_max the count of the parameter's most-trained slice: a slice trained in a quarter of the steps
+moves 4^γ times as far when it does (DoRA's magnitude, trained by every step, is never scaled).
+Counts, not the draw probabilities, so it follows any schedule and resumes exactly.
+
 The moments are float32 (`state_bits=32`: `exp_avg`, `exp_avg_sq`, shaped like the parameter) or
 8-bit (`state_bits=8`), in the format of bitsandbytes' blockwise 8-bit optimizers: each moment is
 uint8 indices into a 256-value map, the signed dynamic map for `exp_avg` and the unsigned one for
@@ -222,6 +227,7 @@ class _Piece(NamedTuple):
     state: dict[str, torch.Tensor]
     dim: int | None
     rows: slice  # the slices, local indices: rows of A (and of every 8-bit state), columns of B
+    lr_scale: torch.Tensor | None = None  # slice_lr: the factor of each slice's step, shaped like `steps`
 
 
 def _take(t: torch.Tensor, dim: int | None, rows: slice) -> torch.Tensor:
@@ -234,7 +240,8 @@ class RankAwareAdamW(torch.optim.Optimizer):
 
     `params` are (parameter, slice dim) pairs. `mark_trained(slices)` before `step()` names the
     slices; an unmarked step trains every slice (plain AdamW). `state_bits`: 32 or 8 (see the module
-    docstring); `paged`: moments in CUDA unified memory (on a CPU, ordinary tensors).
+    docstring); `paged`: moments in CUDA unified memory (on a CPU, ordinary tensors); `slice_lr`: γ of
+    the slice-aware step sizes (module docstring; 0: off).
     """
 
     def __init__(
@@ -246,15 +253,18 @@ class RankAwareAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         state_bits: int = 32,
         paged: bool = False,
+        slice_lr: float = 0.0,
     ) -> None:
         if state_bits not in STATE_BITS:
             raise QdyloraError(f"optimizer.state_bits={state_bits!r}: expected 32 or 8")
+        if slice_lr < 0:
+            raise QdyloraError(f"optimizer.slice_lr={slice_lr!r}: expected a number >= 0")
         pairs = list(params)
         group = {"params": [p for p, _ in pairs], "slice_dims": [d for _, d in pairs]}
         # state_bits is saved with the groups, so that a state is never read in the other format.
         super().__init__([group], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                        state_bits=state_bits))
-        self.state_bits, self.paged = state_bits, paged
+        self.state_bits, self.paged, self.slice_lr = state_bits, paged, float(slice_lr)
         self.trained: list[tuple[int, int]] | None = None
         self._paged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (moment, bitsandbytes' handle)
 
@@ -291,13 +301,15 @@ class RankAwareAdamW(torch.optim.Optimizer):
             return
         offset = _first_local_row(p) if dim == 0 else 0
         held = param.shape[0] if dim == 0 else p.shape[1]
+        most = steps.max() if self.slice_lr > 0 else None  # every slice's count is on every process
         for start, stop in self._ranges(p, dim):
             lo, hi = max(start, offset), min(stop, offset + held)
             if lo >= hi:
                 continue
             rows = slice(lo - offset, hi - offset)
             counts = steps[lo:hi] if dim == 0 else steps[:, lo:hi]
-            yield _Piece(_take(param, dim, rows), _take(grad, dim, rows), counts, state, dim, rows)
+            scale = None if most is None else (most / counts).pow(self.slice_lr)  # trained: counts >= 1
+            yield _Piece(_take(param, dim, rows), _take(grad, dim, rows), counts, state, dim, rows, scale)
 
     # --- state ---
 
@@ -347,8 +359,11 @@ class RankAwareAdamW(torch.optim.Optimizer):
     def _update(self, pieces: list[_Piece], group: dict[str, Any], codes: dict[str, torch.Tensor]) -> None:
         """One AdamW update of `pieces`; the 8-bit state is read before it and written after it."""
         moments = {key: [self._load(piece, key, codes.get(key)) for piece in pieces] for key in MOMENTS}
+        scales = None
+        if self.slice_lr > 0:
+            scales = [x.lr_scale if x.lr_scale is not None else torch.ones_like(x.steps) for x in pieces]
         _adamw([x.param for x in pieces], [x.grad for x in pieces], moments["exp_avg"], moments["exp_avg_sq"],
-               [x.steps for x in pieces], group)
+               [x.steps for x in pieces], group, scales)
         if self.state_bits == 8:
             for key in MOMENTS:
                 for piece, value in zip(pieces, moments[key], strict=True):
@@ -423,9 +438,10 @@ class RankAwareAdamW(torch.optim.Optimizer):
             group["state_bits"] = self.state_bits
 
 
-def _adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list, group: dict) -> None:
+def _adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: list, group: dict,
+           lr_scales: list | None = None) -> None:
     """One AdamW update of every view, each with the bias correction of its own slices' step counts
-    (already counting this step)."""
+    (already counting this step); `lr_scales`: a factor of each view's step, per slice (weight decay unscaled)."""
     lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
@@ -444,6 +460,8 @@ def _adamw(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, steps: 
     torch._foreach_div_(denom, bias2)
     torch._foreach_add_(denom, eps)
     torch._foreach_mul_(denom, bias1)
+    if lr_scales is not None:
+        torch._foreach_div_(denom, lr_scales)
     torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
 
 

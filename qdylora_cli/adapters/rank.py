@@ -2,7 +2,9 @@
 
 A schedule is a distribution P(b) over the ranks. Each optimizer step draws k ranks from it
 (`ranks_per_step`); with k > 1 the draw is stratified (one rank from each k-quantile of P), so a
-step always covers low and high ranks. The sampler owns a `torch.Generator` seeded from the run
+step always covers low and high ranks. With the sandwich rule, min_rank and r_max are two of the k
+ranks of every step and the other k - 2 are drawn so. `matryoshka` always draws r_max: with nested
+ranks (`set_nested`) each row then trains the mixture of all of them. The sampler owns a `torch.Generator` seeded from the run
 seed, so every process draws the same ranks and a resumed run continues the exact sequence. A new
 schedule is one weight function, one line in `RANK_WEIGHTS` and its name in `choices.RANK_SCHEDULES`.
 """
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdylora_cli.adapters.lora import DynamicRankLoRA, Rank, check_rank, chunk_of_rows
+from qdylora_cli.adapters.lora import DynamicRankLoRA, NestedRanks, Rank, check_rank, chunk_of_rows
 from qdylora_cli.errors import QdyloraError
 
 
@@ -108,26 +110,45 @@ def _mixed(b: int, min_rank: int, r_max: int) -> float:
     return 0.5 * _octave(b, min_rank, r_max) / octaves + 0.5 / (r_max - min_rank + 1)
 
 
+def _matryoshka(b: int, min_rank: int, r_max: int) -> float:
+    """Always r_max: with nested ranks every row trains their mixture (MatryoshkaLoRA), nothing is sampled."""
+    return 1.0 if b == r_max else 0.0
+
+
 RANK_WEIGHTS: dict[str, Callable[[int, int, int], float]] = {
     "uniform": _uniform,
     "octave": _octave,
     "harmonic": _harmonic,
     "mixed": _mixed,
+    "matryoshka": _matryoshka,
 }
 
 
 class RankSampler:
-    """Draws the ranks of each optimizer step from P(b) ∝ weight(b) on `low`..r_max; resumable."""
+    """Draws the ranks of each optimizer step from P(b) ∝ weight(b) on `low`..r_max; resumable.
 
-    def __init__(self, weights: list[float], low: int, seed: int = 0) -> None:
+    `sandwich`: every step's k ranks are `low`, r_max and k - 2 stratified draws (k >= 2), so every
+    slice trains in every step (mode full) and the extremes always get their share of the rows.
+    """
+
+    def __init__(self, weights: list[float], low: int, seed: int = 0, sandwich: bool = False) -> None:
         self.low, self.r_max = low, low + len(weights) - 1
         w = torch.tensor(weights, dtype=torch.float64)
         self.probs = w / w.sum()  # probs[i]: the probability of rank low + i
         self.cdf = self.probs.cumsum(0)
         self.generator = torch.Generator().manual_seed(seed)
+        self.sandwich = sandwich
 
     def sample(self, k: int = 1) -> list[int]:
-        """k ranks, ascending: the i-th is drawn from the i-th of k equal slices of the probability mass."""
+        """k ranks, ascending: the i-th is drawn from the i-th of k equal slices of the probability mass
+        (sandwich: `low` and r_max, and k - 2 drawn so between them)."""
+        if self.sandwich:
+            if k < 2:
+                raise QdyloraError(f"rank_schedule.sandwich needs rank_schedule.ranks_per_step >= 2, got {k}")
+            return [self.low, *self._stratified(k - 2), self.r_max]
+        return self._stratified(k)
+
+    def _stratified(self, k: int) -> list[int]:
         u = (torch.arange(k, dtype=torch.float64) + torch.rand(k, dtype=torch.float64, generator=self.generator)) / k
         index = torch.searchsorted(self.cdf, u, right=True).clamp(max=len(self.probs) - 1)
         return [self.low + int(i) for i in index]
@@ -140,8 +161,10 @@ class RankSampler:
             self.generator.set_state(state["generator"])
 
 
-def build_rank_sampler(kind: str, *, r_max: int, min_rank: int = 1, rank: int | None = None, seed: int = 0) -> RankSampler:
-    """The schedule `kind` on min_rank..r_max; `fixed` always draws `rank` (default r_max): a plain QLoRA run."""
+def build_rank_sampler(kind: str, *, r_max: int, min_rank: int = 1, rank: int | None = None, seed: int = 0,
+                       sandwich: bool = False) -> RankSampler:
+    """The schedule `kind` on min_rank..r_max; `fixed` always draws `rank` (default r_max): a plain QLoRA run.
+    `sandwich`: see `RankSampler` (not with `fixed`, which has one rank)."""
     if kind == "fixed":
         rank = r_max if rank is None else rank
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
@@ -153,7 +176,22 @@ def build_rank_sampler(kind: str, *, r_max: int, min_rank: int = 1, rank: int | 
     if not 1 <= min_rank <= r_max:
         raise QdyloraError(f"rank_schedule.min_rank must be in 1..r_max={r_max}, got {min_rank}")
     weight = RANK_WEIGHTS[kind]
-    return RankSampler([weight(b, min_rank, r_max) for b in range(min_rank, r_max + 1)], min_rank, seed)
+    return RankSampler([weight(b, min_rank, r_max) for b in range(min_rank, r_max + 1)], min_rank, seed,
+                       sandwich=sandwich)
+
+
+def set_nested(model: nn.Module, nested: NestedRanks | None) -> None:
+    """Every adapter of `model` trains the nested mixture `nested` (None: plain ranks again); see `NestedRanks`."""
+    adapters = [m for m in model.modules() if isinstance(m, DynamicRankLoRA)]
+    if nested is not None:
+        for adapter in adapters:
+            if adapter.mode != "full":
+                raise QdyloraError("nested ranks (rank_schedule.nested_ranks) need adapter.mode=full: a mixture "
+                                   "trains every slice of its ranks")
+            if max(nested.ranks) > adapter.r_max:
+                raise QdyloraError(f"nested rank {max(nested.ranks)} is above adapter.r_max={adapter.r_max}")
+    for adapter in adapters:
+        adapter.nested = nested
 
 
 def assign_ranks(ranks: list[int], processes: int, micro_batches: int, batch_size: int) -> list[list[Rank]]:
