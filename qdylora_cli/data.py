@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qdylora_cli.chat import ChatTemplate, parse_messages, resolve_template, tokenize_conversations
 from qdylora_cli.config import DataConfig, LoopConfig, is_chat
-from qdylora_cli.datacache import (
+from qdylora_cli.datacache import (  # IGNORE_INDEX lives there now; `from qdylora_cli.data import` it still works
     IGNORE_INDEX,
     Entry,
     Examples,
@@ -51,8 +51,6 @@ from qdylora_cli.datacache import (
     write_token_array,
 )
 from qdylora_cli.errors import QdyloraError, first_line
-
-__all__ = ["IGNORE_INDEX", "Examples"]  # IGNORE_INDEX lives in datacache.py; importing it from here still works
 
 log = logging.getLogger(__name__)
 

@@ -307,6 +307,13 @@ def _pa() -> Any:
     return pa
 
 
+def _arrow(values: np.ndarray, kind: str) -> Any:
+    """A numpy array as an Arrow array without a copy (`pa.array` would import pandas: half a second)."""
+    pa = _pa()
+    values = np.ascontiguousarray(values, dtype=kind)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
 def _record_schema() -> Any:
     pa = _pa()
     return pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.uint8())),
@@ -343,10 +350,10 @@ class ShardWriter:
         cum = np.zeros(total + 1, np.int64)
         np.cumsum(mask, out=cum[1:])
         loss = np.where(lengths > 0, cum[offsets[1:]] - cum[np.minimum(offsets[:-1] + 1, offsets[1:])], 0)
-        off32 = pa.array(offsets.astype(np.int32))
-        batch = pa.record_batch([pa.ListArray.from_arrays(off32, pa.array(ids.astype(np.int32))),
-                                 pa.ListArray.from_arrays(off32, pa.array(mask.astype(np.uint8))),
-                                 pa.array(loss.astype(np.int32))], schema=_record_schema())
+        off32 = _arrow(offsets, "int32")
+        batch = pa.record_batch([pa.ListArray.from_arrays(off32, _arrow(ids, "int32")),
+                                 pa.ListArray.from_arrays(off32, _arrow(mask, "uint8")),
+                                 _arrow(loss, "int32")], schema=_record_schema())
         self._writer.write_batch(batch)
         self.rows += len(examples)
         self.tokens += total
@@ -368,7 +375,7 @@ def write_token_array(path: Path, ids: np.ndarray) -> None:
     schema = pa.schema([("input_ids", pa.int32())])
     with open(path, "wb") as f:
         with pa.ipc.new_stream(f, schema) as writer:
-            writer.write_batch(pa.record_batch([pa.array(np.ascontiguousarray(ids, dtype=np.int32))], schema=schema))
+            writer.write_batch(pa.record_batch([_arrow(ids, "int32")], schema=schema))
         f.flush()
         os.fsync(f.fileno())
 
@@ -382,13 +389,22 @@ def _mapped_table(path: Path) -> Any:
         raise QdyloraError(f"the data cache file {path} is unreadable ({e}); delete its folder to tokenize again") from None
 
 
+def _view(array: Any, dtype: Any, extra: int = 0) -> np.ndarray:
+    """The values (or, with extra=1, a list array's offsets) of an Arrow array as a numpy view of its
+    buffer: the mapped pages themselves. (`to_numpy` would import pandas: half a second.)"""
+    if array.null_count:
+        raise QdyloraError("the data cache holds missing values; delete its folder to tokenize again")
+    dtype = np.dtype(dtype)
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array) + extra, offset=array.offset * dtype.itemsize)
+
+
 def read_token_array(path: Path) -> np.ndarray:
     chunks = _mapped_table(path).column("input_ids").chunks
     if not chunks:
         return np.zeros(0, np.int32)
     if len(chunks) > 1:  # written as one batch; a copy only if something else wrote it
-        return np.concatenate([c.to_numpy() for c in chunks])
-    return chunks[0].to_numpy(zero_copy_only=True)
+        return np.concatenate([_view(c, np.int32) for c in chunks])
+    return _view(chunks[0], np.int32)
 
 
 # --- reading examples by index -------------------------------------------------------------------------
@@ -411,9 +427,12 @@ def record_spans(shard: Path) -> list[TokenSpans]:
     ids_col, mask_col, loss_col = (table.column(c).chunks for c in ("input_ids", "loss_mask", "loss_tokens"))
     spans = []
     for ids, mask, loss in zip(ids_col, mask_col, loss_col):
-        offsets = ids.offsets.to_numpy().astype(np.int64)
-        spans.append(TokenSpans(ids.values.to_numpy(zero_copy_only=True), offsets[:-1], offsets[1:],
-                                mask.values.to_numpy(zero_copy_only=True), loss.to_numpy().astype(np.int64)))
+        offsets = _view(ids, np.int32, extra=1).astype(np.int64)  # into the values: valid for a sliced array too
+        if not np.array_equal(_view(mask, np.int32, extra=1), _view(ids, np.int32, extra=1)):
+            raise QdyloraError(f"the data cache file {shard} is inconsistent; delete its folder to tokenize again")
+        values, mask_values = ids.values, mask.values
+        spans.append(TokenSpans(_view(values, np.int32)[: len(values)], offsets[:-1], offsets[1:],
+                                _view(mask_values, np.uint8), _view(loss, np.int32).astype(np.int64)))
     return spans
 
 
@@ -559,9 +578,10 @@ def _send_result(conn: Any, work: Callable, context: Any, index: int, shard: Any
 
 def run_shards(work: Callable[[Any, Any, Path, Callable[[int, int], None]], dict[str, Any]], context: Any,
                shards: list[Any], out_dir: Path, num_proc: int, progress: TokenizeProgress) -> list[dict[str, Any]]:
-    """`work(context, shard, out_file, report)` for every shard, in `num_proc` processes (or this one), each
-    writing `out_dir/shard-NNNNN.arrow`; returns their results in shard order. A shard's error is raised
-    once every shard before it has finished, so the error named is the first in the source's order."""
+    """`work(context, shard, out_file, report)` for every shard, each writing `out_dir/shard-NNNNN.arrow`: in
+    this process when num_proc is 1 or there is one shard, else one process per shard (callers make at
+    most num_proc). Returns their results in shard order. A shard's error is raised once every shard
+    before it has finished, so the error named is the first in the source's order."""
     outs = [out_dir / f"shard-{i:05d}.arrow" for i in range(len(shards))]
     if num_proc <= 1 or len(shards) == 1:
         results, base_records, base_done = [], 0, 0

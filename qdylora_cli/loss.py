@@ -38,32 +38,31 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy of each row of `logits` (M, V) against `targets` (M,), in float32, a chunk of rows at
     a time: neither the float32 logits nor their softmax is ever whole. With Llama 3's 128k vocabulary
     at 2×2048 tokens each would be 2 GiB; F.cross_entropy keeps both (one for backward). Backward
-    recomputes each chunk's softmax from the logits, kept in their own dtype, and the saved logsumexp.
-    The values are F.cross_entropy's: logsumexp(x) - x[target].
+    recomputes each chunk from the logits, kept in their own dtype.
+
+    Each chunk is F.cross_entropy itself, forward and (through autograd, in backward) gradient: the
+    operations are row by row, so the values and gradients are bit for bit those of one
+    F.cross_entropy over all rows, and runs trained before the loss was chunked train the same.
     """
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        valid = targets != IGNORE_INDEX
-        picked = torch.where(valid, targets, 0)
-        lse = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
-        losses = torch.empty_like(lse)
+        losses = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
         for rows in _chunks(logits):
-            chunk = logits[rows].float()
-            lse[rows] = torch.logsumexp(chunk, dim=-1)
-            losses[rows] = lse[rows] - chunk.gather(1, picked[rows, None]).squeeze(1)
-        ctx.save_for_backward(logits, picked, valid, lse)
-        return losses.masked_fill_(~valid, 0.0)
+            losses[rows] = F.cross_entropy(logits[rows].float(), targets[rows], ignore_index=IGNORE_INDEX,
+                                           reduction="none")
+        ctx.save_for_backward(logits, targets)
+        return losses
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, picked, valid, lse = ctx.saved_tensors
-        grad = grad.float() * valid
+        logits, targets = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         for rows in _chunks(logits):
-            softmax = (logits[rows].float() - lse[rows, None]).exp_()  # d loss / d logits = softmax - one_hot
-            softmax.scatter_add_(1, picked[rows, None], torch.full_like(lse[rows, None], -1.0))
-            grad_logits[rows] = softmax.mul_(grad[rows, None])
+            with torch.enable_grad():  # the chunk's own graph: F.cross_entropy's backward, then the cast's
+                chunk = logits[rows].detach().requires_grad_()
+                losses = F.cross_entropy(chunk.float(), targets[rows], ignore_index=IGNORE_INDEX, reduction="none")
+                (grad_logits[rows],) = torch.autograd.grad(losses, chunk, grad[rows])
         return grad_logits, None
 
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from qdylora_cli.config import TrainConfig, flat_config
-from qdylora_cli.errors import QdyloraError
+from qdylora_cli.errors import DiskFullError, QdyloraError
 from qdylora_cli.logs import console
-from qdylora_cli.rundir import METRICS, atomic_write_text
+from qdylora_cli.rundir import METRICS, atomic_write_text, disk_full, latest_good_checkpoint
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -83,8 +83,15 @@ class Reporter:
         step, every = record["step"], self.cfg.train.log_every
         due = step % every == 0 or step == self.total
         if self.main and (due or "val_loss" in record or record.get("skipped")):
-            with open(self.run_dir / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.run_dir / METRICS, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a half line at worst: a resume drops it (_truncate_metrics)
+                if disk_full(e):
+                    raise DiskFullError(f"disk full: cannot write {self.run_dir / METRICS} (No space left on device); "
+                                        f"the last good checkpoint is {latest_good_checkpoint(self.run_dir) or 'none'}"
+                                        ) from None
+                raise
         if "val_loss" in record:
             self.validation(step, {int(r): v for r, v in record["val_loss"].items()})
         if "loss" not in record:

@@ -42,6 +42,7 @@ from qdylora_cli.adapters import (
     count_parameters,
     iter_adapters,
     load_adapter_state_dict,
+    plain_ranks,
     ranks_of_rows,
     resolve_paged,
     set_nested,
@@ -528,7 +529,8 @@ def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int, list[int
     λ·KL(top rank ‖ its rank) per loss token, the top rank's predictions for that row coming from one
     extra forward, without gradient, of the rows below the top at the top rank (the teacher); rows at
     the top rank learn from the labels alone. The teacher is the model as it stands before this
-    step's update (detached), in training mode like the rows it teaches.
+    step's update (detached), in training mode like the rows it teaches, at the plain top rank (with
+    nested ranks too: the rank that is evaluated and exported, not its training mixture).
     """
     t, acc = s.cfg.train, s.accelerator
     plan = assign_ranks(ranks, acc.num_processes, t.grad_accum, t.batch_size)[acc.process_index]
@@ -557,7 +559,7 @@ def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int, list[int
             taught = torch.ones_like(students) if acc.num_processes > 1 else students
             if taught.any():
                 set_rank(s.model, top)
-                with torch.no_grad(), acc.autocast():
+                with torch.no_grad(), acc.autocast(), plain_ranks(s.model):  # the top rank, not its mixture
                     teacher = s.model(**{k: v[taught] for k, v in batch.items()}, use_cache=False).logits
                 # The same count as the step's tokens: padding excluded (packed rows have no mask: whole rows)
                 mask = batch.get("attention_mask")

@@ -246,6 +246,76 @@ def run_all(args: argparse.Namespace, tasks: list[str], arms: list[str]) -> list
     return results
 
 
+# --- step times, measured alone ------------------------------------------------------------------------
+
+# Fixed-length blocks: every step of every arm does the same work on this task. The first steps
+# (allocations, the allocator's caches warming) are left out of the timing.
+STEP_TIME_TASK, STEP_TIME_SKIP = "shakespeare", 10
+
+
+def time_arm(job: tuple[argparse.Namespace, str, int, int]) -> dict:
+    """Train one arm for `steps` steps (seed 0, nothing evaluated) and time its steps after STEP_TIME_SKIP
+    from metrics.jsonl's `elapsed` (every step logged)."""
+    from qdylora_cli import train
+    from qdylora_cli.cli import compose_config
+
+    args, name, steps, rep = job
+    run_dir = args.work_dir / "step_times" / f"{name}-{rep}"
+    overrides = [o for o in base_overrides(args, STEP_TIME_TASK, run_dir, 0, steps) if not o.startswith("train.log_every=")]
+    cfg = compose_config("train", [*overrides, "train.log_every=1", *ARMS[name].overrides])
+    load = os.getloadavg()[0]
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.run(cfg)
+    elapsed = {m["step"]: m["elapsed"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if "step" in m}
+    return {"arm": name, "rep": rep, "steps": steps,
+            "ms_per_step": 1000 * (elapsed[steps] - elapsed[STEP_TIME_SKIP]) / (steps - STEP_TIME_SKIP),
+            "load_avg": [load, os.getloadavg()[0]]}
+
+
+def timed_arms(arms: list[str]) -> list[str]:
+    """The arms whose step time is measured: QLoRA at rank 16 (the reference) and each dynamic arm, but not
+    the equal-compute twins (the same steps as their arm, fewer of them)."""
+    return [a for a in arms if a == FIXED[-1].name or (ARMS[a].rank is None and ARMS[a].steps_share == 1)]
+
+
+def measure_step_times(args: argparse.Namespace, arms: list[str]) -> list[dict]:
+    """`--passes` passes over the arms, one run at a time in one single-threaded worker (nothing else of
+    ours runs meanwhile), the arms' order alternating between passes so that a slow spell of the
+    machine does not fall on one arm; cached in <work-dir>/step_times.json."""
+    path = args.work_dir / "step_times.json"
+    done = json.loads(path.read_text()) if path.is_file() else []
+    have = {(r["arm"], r["rep"]) for r in done if r["steps"] == args.step_times}
+    order = timed_arms(arms)
+    jobs = [(args, name, args.step_times, rep) for rep in range(args.passes)
+            for name in (order if rep % 2 == 0 else order[::-1]) if (name, rep) not in have]
+    with mp.get_context("spawn").Pool(1, initializer=_init_worker) as pool:
+        for r in pool.imap(time_arm, jobs):
+            print(f"  step time {r['arm']:>22} pass {r['rep']}: {r['ms_per_step']:.1f} ms", flush=True)
+            done.append(r)
+            path.write_text(json.dumps(done, indent=1))
+    return [r for r in done if r["steps"] == args.step_times and r["arm"] in order]
+
+
+def step_time_report(timings: list[dict]) -> list[str]:
+    """The table of step times: the fastest pass of each arm (the least disturbed), against QLoRA rank 16 and the default."""
+    if not timings:
+        return []
+    best: dict[str, float] = {}
+    for r in timings:
+        best[r["arm"]] = min(best.get(r["arm"], math.inf), r["ms_per_step"])
+    loads = [x for r in timings for x in r["load_avg"]]
+    steps, passes = timings[0]["steps"], max(r["rep"] for r in timings) + 1
+    ref, default = best.get(FIXED[-1].name), best.get("default")
+    rows = [[ARMS[a].label, f"{ms:.1f}", f"{ms / ref:.2f}×" if ref else "", f"{ms / default:.2f}×" if default else ""]
+            for a, ms in best.items()]
+    return [f"### Step time ({TASKS[STEP_TIME_TASK].title}, measured alone)", "",
+            f"One run at a time, one thread, seed 0: the mean time of steps {STEP_TIME_SKIP + 1}..{steps}, the fastest of {passes} pass(es) with the arms in alternating order; the 1-minute load "
+            f"average was {min(loads):.1f}–{max(loads):.1f} (1 = this run alone). Distillation's extra forward is in "
+            "its steps.", "",
+            table(["setting", "ms/step", "vs QLoRA rank 16", "vs default"], rows), ""]
+
+
 # --- report --------------------------------------------------------------------------------------------
 
 
@@ -405,7 +475,7 @@ def shown_args(argv: list[str]) -> list[str]:
     return shown
 
 
-def report(args: argparse.Namespace, results: list[dict], command: str) -> str:
+def report(args: argparse.Namespace, results: list[dict], command: str, timings: list[dict]) -> str:
     """The generated part of results.md (between the markers). Run times are summed from the runs, so a
     report of runs cached over several invocations still counts them all."""
     run_min = sum(r["wall_s"] for r in results) / 60
@@ -418,6 +488,7 @@ def report(args: argparse.Namespace, results: list[dict], command: str) -> str:
     for task in tasks:
         out += task_report(args, results, task)
     out += across_tasks(results, tasks)
+    out += step_time_report(timings)
     out += [f"![gap to QLoRA per rank]({os.path.relpath(args.out_png, args.out_md.parent)})", ""]
     return "\n".join(out + [END])
 
@@ -498,6 +569,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--from-json", action="store_true", help="re-render the report from <work-dir>/results.json")
+    p.add_argument("--step-times", type=int, default=0, metavar="STEPS",
+                   help=f"also time each arm's steps alone on {STEP_TIME_TASK}: runs of STEPS steps, after the "
+                        "comparison (0: off; the report shows <work-dir>/step_times.json when it exists)")
+    p.add_argument("--passes", type=int, default=2, help="--step-times: passes over the arms (the fastest counts)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -507,6 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(arms) - set(ARMS)) + sorted(set(tasks) - set(TASKS))
     if unknown or not {a.name for a in FIXED} <= set(arms):
         p.error(f"--arms must include every fixed arm, and arms and tasks must be known ones; unknown: {unknown}")
+    if args.step_times and args.step_times <= STEP_TIME_SKIP:
+        p.error(f"--step-times must be above {STEP_TIME_SKIP} (the steps left out of the timing)")
     for path in (args.shared / "models" / "stories260K", args.shared / "data"):
         if not path.exists():
             p.error(f"{path} is missing (pass --shared)")
@@ -523,8 +600,16 @@ def main(argv: list[str] | None = None) -> None:
         saved.write_text(json.dumps({"argv": argv, "total_s": total_s, "results": results}, indent=1))
     if not all(math.isfinite(v) for r in results for v in r["loss"].values()):
         raise SystemExit(f"a non-finite validation loss; see {saved}")
+    if args.step_times and not args.from_json:
+        timings = measure_step_times(args, arms)
+    else:
+        path = args.work_dir / "step_times.json"
+        timings = json.loads(path.read_text()) if path.is_file() else []
+        timings = [r for r in timings if r["arm"] in {x["arm"] for x in results}]
+        if timings:  # one run length: the longest measured
+            timings = [r for r in timings if r["steps"] == max(x["steps"] for x in timings)]
     command = " ".join(["python scripts/compare_ranks.py", *shown_args(argv)])
-    write_markdown(args.out_md, report(args, results, command))
+    write_markdown(args.out_md, report(args, results, command, timings))
     plot(results, args.out_png)
     print(f"{len(results)} runs in {total_s:.0f}s; wrote {args.out_md} and {args.out_png}")
 

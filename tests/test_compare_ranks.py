@@ -48,12 +48,17 @@ def test_quick_comparison_writes_a_table_for_every_arm_and_rank(tmp_path, storie
     assert png.stat().st_size > 10_000
 
     header, rows = table_rows(text, "setting")
-    assert header == ["setting"] + [f"rank {b}" for b in cr.EVAL_RANKS] + ["worst"]
+    ranks = len(cr.EVAL_RANKS)
+    assert header == ["setting"] + [f"rank {b}" for b in cr.EVAL_RANKS] + ["worst", "AURAC", "AURAC gap"]
     assert [r[0] for r in rows] == [a.label for a in cr.DYNAMIC]
-    for row in rows:  # a gap per rank and the worst of them
-        gaps = numbers(" ".join(row[1:-1]))
-        assert len(gaps) == len(cr.EVAL_RANKS) and all(math.isfinite(g) for g in gaps)
-        assert numbers(row[-1])[0] == max(gaps)
+    reference = numbers(text.split("AURAC of the QLoRA runs", 1)[1].split("\n", 1)[0])[0]
+    for row in rows:  # a gap per rank, the worst of them, AURAC and its gap to the QLoRA runs' AURAC
+        gaps = numbers(" ".join(row[1:1 + ranks]))
+        assert len(gaps) == ranks and all(math.isfinite(g) for g in gaps)
+        assert numbers(row[1 + ranks])[0] == max(gaps)
+        area, area_gap = numbers(row[2 + ranks])[0], numbers(row[3 + ranks])[0]
+        assert 0 < area < 10 and area_gap == round(100 * (area / reference - 1), 1) or abs(
+            area_gap - 100 * (area / reference - 1)) < 0.1
 
     header, rows = table_rows(text, "rank b")
     assert header[:2] == ["rank b", "QLoRA trained at rank b"] and any("**default**" in h for h in header[2:])
@@ -82,3 +87,16 @@ def test_quick_comparison_writes_a_table_for_every_arm_and_rank(tmp_path, storie
     assert out.returncode == 0, out.stderr[-3000:]
     again = md.read_text()
     assert "kept findings" in again and again.count(cr.BEGIN) == 1 and again.count(cr.END) == 1
+
+    # Step times, measured alone: the cached runs are reused, only the timing runs are new.
+    fixed = ",".join(a.name for a in cr.FIXED)
+    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--shared", str(stories260k.parents[1]), "--work-dir",
+                          str(tmp_path / "work"), "--out-md", str(md), "--out-png", str(png), "--arms",
+                          f"{fixed},default", "--step-times", "14", "--passes", "1"],
+                         capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    timed = md.read_text().split("### Step time", 1)[1]
+    header, rows = table_rows(timed, "setting")
+    assert header == ["setting", "ms/step", "vs QLoRA rank 16", "vs default"]
+    assert [r[0] for r in rows] == [cr.ARMS["fixed16"].label, cr.ARMS["default"].label]
+    assert all(numbers(r[1])[0] > 0 for r in rows) and rows[1][3] == "1.00×" and rows[0][2] == "1.00×"

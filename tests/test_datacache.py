@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,23 @@ def test_text_corpus_blocks_equal_the_path_before(tmp_path, stories260k, shakesp
     assert len(_entries(tmp_path / "cache")) == 1
 
 
+def test_a_checkpoint_records_its_data_and_a_resume_onto_other_data_says_so(tmp_path, tok, caplog):
+    path = _jsonl(tmp_path / "d.jsonl", _records(40))
+    train, _ = load_datasets(_cfg(path, tmp_path / "cache"), tok, seed=0)
+    stream = BatchStream(train, 4, 42, True, 0)
+    next(stream)
+    state = stream.state_dict()
+    assert state == {"epoch": 0, "index": 1, "data": train.fingerprint}
+    other, _ = load_datasets(_cfg(path, tmp_path / "cache", source_max_len=10), tok, seed=0)
+    with caplog.at_level(logging.WARNING, logger="qdylora_cli.data"):
+        BatchStream(train, 4, 42, True, 0).load_state_dict({"epoch": 0, "index": 1})  # a checkpoint from before #25
+        BatchStream(train, 4, 42, True, 0).load_state_dict(state)
+        assert not caplog.records
+        BatchStream(other, 4, 42, True, 0).load_state_dict(state)
+    (record,) = caplog.records
+    assert record.getMessage().startswith("train.resume: the training data differ from those the checkpoint was trained on")
+
+
 # --- keys: reused when the tokens would be the same, never otherwise ---------------------------------------
 
 
@@ -206,6 +224,20 @@ def test_a_bad_record_deep_in_a_big_file_is_named_by_file_and_line(tmp_path, tok
     assert _entries(tmp_path / "cache") == [] and not list((tmp_path / "cache").glob(".tmp-*"))
 
 
+def test_tokenizing_shows_progress_in_records_per_second_with_an_eta(tmp_path, tok, monkeypatch, caplog):
+    """Without a terminal, a line every LOG_EVERY_S (here: every update), from every tokenizing process."""
+    monkeypatch.setattr(datacache, "SHOW_AFTER_S", 0.0)
+    monkeypatch.setattr(datacache, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(data_module, "MIN_SHARD_BYTES", 20_000)
+    monkeypatch.setattr(data_module, "TOKENIZE_BATCH", 100)
+    path = _jsonl(tmp_path / "d.jsonl", _records(1500))
+    with caplog.at_level(logging.INFO, logger="qdylora_cli.datacache"):
+        load_datasets(_cfg(path, tmp_path / "cache", num_proc=2), tok, seed=0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenizing d.jsonl: ")]
+    assert lines and all(re.fullmatch(r"tokenizing d.jsonl: \d+% \([\d,]+ records, [\d,]+ records/s, ETA \d+:\d\d\)", m)
+                         for m in lines), lines
+
+
 # --- a full disk at every writer ---------------------------------------------------------------------------
 
 
@@ -280,6 +312,16 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypat
     monkeypatch.setattr(train, "save_file", real)
     assert qdylora("train", *TINY, "train.max_steps=3", "train.save_every=1", "train.eval_every=0", f"run_dir={run_dir}",
                    "train.resume=true") == 0
+
+    def metrics_full(file, mode="r", *args, **kwargs):  # metrics.jsonl is appended to, not rewritten
+        if str(file).endswith("metrics.jsonl") and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("qdylora_cli.progress.open", metrics_full, raising=False)
+    assert qdylora("train", *TINY, "train.max_steps=2", "train.eval_every=0", f"run_dir={tmp_path / 'other'}") == 1
+    assert _last_error(capsys) == (f"error: disk full: cannot write {tmp_path / 'other' / 'metrics.jsonl'} (No space "
+                                   "left on device); the last good checkpoint is none")
 
 
 def test_a_full_disk_at_the_final_adapter_eval_export_and_generate(trained, tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from qdylora_cli.config import DataConfig, EvalConfig
 from qdylora_cli.data import load_datasets
 from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import (
+    aurac,
     eval_dir,
     generate_at_ranks,
     gsm8k_prediction,
@@ -89,6 +91,36 @@ def test_eval_sweep_matches_one_rank_at_a_time(lora_run, capsys):
     assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "best rank:" in printed and "recommended" in printed and "base model" in printed
+
+
+def test_aurac_of_hand_made_curves():
+    """The mean height of the curve over x = log2(b) / log2(r_max), trapezoids between the ranks given."""
+    curve = {0: 9.0, 1: 4.0, 2: 3.0, 4: 2.5, 8: 2.0, 16: 1.8}  # rank 0 (the base model) is left out
+    assert aurac(curve, 16) == pytest.approx(0.25 * ((4 + 3) / 2 + (3 + 2.5) / 2 + (2.5 + 2) / 2 + (2 + 1.8) / 2))
+    assert aurac(curve, 16) == pytest.approx(2.6)
+    # Ranks 1, 2, 4, 8 of r_max 8: x = 0, 1/3, 2/3, 1.
+    assert aurac({1: 4.0, 2: 3.0, 4: 2.5, 8: 2.0}, 8) == pytest.approx((3.5 + 2.75 + 2.25) / 3)
+    # A rank between powers of two sits at log2(b): rank 3 of r_max 16 at x = log2(3)/4.
+    x3 = math.log2(3) / 4
+    assert aurac({1: 4.0, 3: 3.0, 16: 2.0}, 16) == pytest.approx(x3 * 3.5 + (1 - x3) * 2.5)
+    # Part of the axis: the mean over the part the ranks cover (ranks 4..16: x from 1/2 to 1).
+    assert aurac({4: 2.5, 8: 2.0, 16: 1.8}, 16) == pytest.approx((2.25 + 1.9) / 2)
+    # Normalised: a curve linear in log2(b) from 4 at rank 1 to 2 at r_max has AURAC 3 whatever r_max and
+    # whichever ranks are measured (powers of two, or all of 1..r_max).
+    for r_max in (2, 8, 16, 64):
+        line = {b: 4 - 2 * math.log2(b) / math.log2(r_max) for b in range(1, r_max + 1)}
+        powers = {b: v for b, v in line.items() if b & (b - 1) == 0}
+        assert aurac(line, r_max) == pytest.approx(3.0) and aurac(powers, r_max) == pytest.approx(3.0)
+    assert aurac({5: 2.0}, 16) == 2.0 and aurac({1: 3.0}, 1) == 3.0 and aurac({0: 1.0}, 16) is None
+
+
+def test_eval_summary_has_the_aurac_of_its_curve(lora_run, capsys):
+    out = lora_run / "eval-aurac"
+    assert qdylora("eval", f"run_dir={lora_run}", "rank=all", f"out_dir={out}") == 0
+    rows, summary = _rows(out), json.loads((out / "summary.json").read_text())
+    assert summary["aurac"] == {"ranks": [1, 8], "r_max": 8,
+                                "loss": pytest.approx(aurac({r: row["loss"] for r, row in rows.items()}, 8), rel=1e-12)}
+    assert f"AURAC (mean over log2 rank, ranks 1..8): loss {summary['aurac']['loss']:.4f}" in capsys.readouterr().out
 
 
 def test_eval_never_replaces_results_without_overwrite(lora_run, capsys):
@@ -179,6 +211,9 @@ def test_gsm8k_exact_match_per_rank(lora_run, tmp_path):
     assert rows[8]["exact_match"] >= 0.5
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["metric"], summary["ranked_by"], summary["samples"]) == ("exact_match", "exact_match", 4)
+    # One adapted rank: its AURAC is its value, for the loss and the task score (rank 0 is left out).
+    assert summary["aurac"] == {"ranks": [8, 8], "r_max": 8, "loss": rows[8]["loss"],
+                                "exact_match": rows[8]["exact_match"]}
 
     # Every generation is kept with its reference and score, rank by rank, in the order of the file.
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
@@ -202,6 +237,11 @@ def test_a_flat_task_metric_leaves_the_rank_to_the_loss(lora_run, tmp_path):
     assert {rows[r]["exact_match"] for r in (1, 4, 8)} == {0.0}
     assert summary["ranked_by"] == "loss"
     assert len({rows[r]["loss"] for r in (1, 4, 8)}) == 3, "the losses must decide"
+    # AURAC of both curves, ranks 1, 4, 8 of r_max 8 at x = 0, 2/3, 1: trapezoids by hand.
+    loss = {r: rows[r]["loss"] for r in (1, 4, 8)}
+    by_hand = (2 / 3) * (loss[1] + loss[4]) / 2 + (1 / 3) * (loss[4] + loss[8]) / 2
+    assert summary["aurac"] == {"ranks": [1, 8], "r_max": 8, "loss": pytest.approx(by_hand, rel=1e-12),
+                                "exact_match": 0.0}
     assert summary["best_rank"] == min((1, 4, 8), key=lambda r: rows[r]["loss"])
 
 
@@ -394,6 +434,29 @@ def test_peft_export_is_exact_where_only_r_and_lora_alpha_are_read(scale, scale_
         assert len(factors) == 2 * len(meta["target_modules"])
         ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_matryoshka_run_exports_every_rank_and_peft_loads_each(tmp_path, capsys):
+    """Trained with nested mixtures (rank_schedule=matryoshka), evaluated and exported as plain ranks: the
+    PEFT export at each rank 1..8 loads and computes our adapter at that rank, A[:b], B[:, :b], s(b)."""
+    peft = pytest.importorskip("peft")
+    run_dir = _train(tmp_path / "matryoshka", "train.max_steps=8", "rank_schedule=matryoshka", "adapter.dropout=0")
+    config = compose_config("train", ["+recipe=tiny", "rank_schedule=matryoshka"])
+    assert (config.rank_schedule.nested_ranks, config.rank_schedule.kind) == ([1, 2, 4, 8], "matryoshka")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = _float_base(run_dir)(input_ids=ids).logits
+    for b in range(1, 9):
+        assert qdylora("export", f"run_dir={run_dir}", f"rank={b}") == 0
+        out = run_dir / "export" / f"rank-{b}-peft"
+        exported = json.loads((out / "adapter_config.json").read_text())
+        assert exported["r"] == b and exported["lora_alpha"] == pytest.approx(rank_scale("rank_stabilized", 32.0, 8, b) * b)
+        ours, theirs = peft_and_ours(peft, run_dir / "base_model", run_dir, out, b)
+        with torch.no_grad():
+            expected, got = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert (got - plain).abs().max() > 1e-2, f"rank {b} must have trained"
+    capsys.readouterr()
 
 
 def test_vllm_max_lora_rank_is_the_smallest_cap_that_holds_the_rank():

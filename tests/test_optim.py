@@ -433,8 +433,10 @@ def test_slice_lr_scales_each_slice_step_by_its_rarity(state_bits):
     before = run(0.0, 2)
     plain, scaled = run(0.0, 3), run(gamma, 3)
     factor = torch.tensor([1.0, 1.0, 1.5 ** gamma, 1.5 ** gamma])
-    torch.testing.assert_close(scaled[0] - before[0], (plain[0] - before[0]) * factor[:, None], rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(scaled[1] - before[1], (plain[1] - before[1]) * factor[None, :], rtol=1e-5, atol=1e-8)
+    # The moves (~1e-2) are differences of float32 parameters of magnitude ~1: each carries a rounding of
+    # ~1e-7, far below the factor's effect (1.5^0.7 = 1.33).
+    torch.testing.assert_close(scaled[0] - before[0], (plain[0] - before[0]) * factor[:, None], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled[1] - before[1], (plain[1] - before[1]) * factor[None, :], rtol=1e-5, atol=1e-6)
     after_two = run(gamma, 2)  # step 2 trained slices 0, 1: slices 2, 3 did not move in it
     after_one = run(gamma, 1)
     assert torch.equal(after_two[0][2:], after_one[0][2:]) and torch.equal(after_two[1][:, 2:], after_one[1][:, 2:])

@@ -178,6 +178,71 @@ def test_every_loss_token_of_a_step_weighs_the_same_across_micro_batches(tmp_pat
                 torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_a_distillation_step_is_the_gradient_of_its_loss_written_out(tmp_path, nested):
+    """rank_schedule.distill = λ, one step at ranks 2 and 8: the rows at rank 2 learn (1 - λ)·CE + λ·KL(q ‖ p),
+    q the softmax of rank 8 on the same rows (the plain rank 8 also when training mixes nested ranks; a
+    constant), the rows at rank 8 CE alone, over the step's loss tokens. Loss, gradient and teacher tokens."""
+    from contextlib import ExitStack
+
+    import torch.nn.functional as F
+
+    from qdylora_cli.adapters import ranks_of_rows, set_rank
+    from qdylora_cli.loss import loss_tokens
+
+    lam = 0.3
+    cfg = _tiny(tmp_path / "run", f"rank_schedule.distill={lam}", "rank_schedule.ranks_per_step=2", "train.batch_size=4",
+                "train.grad_accum=1", "adapter.dropout=0", "train.mixed_precision=no",
+                *(["rank_schedule.nested_ranks=powers"] if nested else []))
+    with ExitStack() as cleanup:
+        s = train.setup(cfg, cleanup)
+        for adapter in s.model.modules():  # B = 0 would make every rank the base model: nothing to distil
+            if hasattr(adapter, "lora_B"):
+                torch.nn.init.normal_(adapter.lora_B, std=0.05)
+        position = s.batches.state_dict()
+        loss, _, trained, teacher_tokens = train.forward_backward(s, [2, 8])
+        grads = {n: p.grad.clone() for n, p in s.model.named_parameters() if p.requires_grad}
+        s.model.zero_grad(set_to_none=True)
+
+        s.batches.load_state_dict(position)
+        batch = next(s.batches)
+        labels = batch.pop("labels")
+        low = ranks_of_rows((2, 8), len(labels)) == 2
+        assert low.any() and (~low).any()
+        model = s.model
+        model.eval()  # evaluation computes plain ranks, mixtures or not: the teacher by definition
+        set_rank(model, 8)
+        with torch.no_grad():
+            q_log = F.log_softmax(model(**{k: v[low] for k, v in batch.items()}).logits.double(), dim=-1)
+        model.train()
+        logits = {}
+        for rank, rows in ((2, low), (8, ~low)):
+            set_rank(model, rank)
+            logits[rank] = model(**{k: v[rows] for k, v in batch.items()}).logits.double()
+        total = loss_tokens(labels).sum()
+
+        def per_position(rank, rows):
+            """(CE, KL to the teacher) at every position of `rows` whose next label carries a loss, float64."""
+            target = labels[rows][:, 1:]
+            keep = target != -100
+            p_log = F.log_softmax(logits[rank][:, :-1], dim=-1)
+            ce = -p_log.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+            kl = (q_log[:, :-1].exp() * (q_log[:, :-1] - p_log)).sum(-1) if rank == 2 else torch.zeros_like(ce)
+            return ce[keep], kl[keep]
+
+        ce_low, kl_low = per_position(2, low)
+        ce_high, _ = per_position(8, ~low)
+        by_hand = (((1 - lam) * ce_low + lam * kl_low).sum() + ce_high.sum()) / total
+        by_hand.backward()
+    assert loss == pytest.approx(by_hand.item(), rel=1e-5)
+    assert kl_low.min() >= 0 and kl_low.sum() > 1e-3, "the student must differ from its teacher"
+    assert trained == [2, 8] and teacher_tokens == int(batch["attention_mask"][low].sum())
+    for name, p in s.model.named_parameters():
+        if p.requires_grad:
+            # float32 step against a float64 loss of the same logits: the roundings of gradients of size ~1
+            torch.testing.assert_close(grads[name], p.grad.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_a_rank_whose_rows_carry_no_loss_trains_nothing(tmp_path, monkeypatch):
     """Step 2's rank-8 rows have no loss tokens (all masked, as a chunk of a short batch without rows):
     slices 3..8 got no gradient and must not move with Adam's momentum from step 1."""

@@ -11,7 +11,8 @@ schedule is one weight function, one line in `RANK_WEIGHTS` and its name in `cho
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -192,6 +193,22 @@ def set_nested(model: nn.Module, nested: NestedRanks | None) -> None:
                 raise QdyloraError(f"nested rank {max(nested.ranks)} is above adapter.r_max={adapter.r_max}")
     for adapter in adapters:
         adapter.nested = nested
+
+
+@contextmanager
+def plain_ranks(model: nn.Module) -> Iterator[None]:
+    """Within: every adapter computes its plain rank even in training mode (nested mixtures off), after:
+    each adapter's mixture as before. The distillation teacher is the top rank as evaluated and
+    exported, not the top rank's training mixture."""
+    adapters = [m for m in model.modules() if isinstance(m, DynamicRankLoRA)]
+    saved = [a.nested for a in adapters]
+    for adapter in adapters:
+        adapter.nested = None
+    try:
+        yield
+    finally:
+        for adapter, nested in zip(adapters, saved, strict=True):
+            adapter.nested = nested
 
 
 def assign_ranks(ranks: list[int], processes: int, micro_batches: int, batch_size: int) -> list[list[Rank]]:
