@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 COMMANDS = {
     "train": "fine-tune a model: one run trains every adapter rank 1..r_max",
     "eval": "loss/perplexity (or task scores) of a trained run at many ranks",
-    "export": "one rank of a run as a PEFT adapter or a merged model",
+    "export": "one rank of a run as a PEFT adapter, a merged model or GGUF for llama.cpp",
     "generate": "a run's answers to your prompts, at one rank or several side by side",
     "allocate": "a rank per layer for a parameter budget, chosen from a trained run without training again",
     "plan": "whether a training run fits on a GPU: train's config plus gpu=, one step on fake tensors, no weights",

@@ -153,6 +153,7 @@ ROUND2 = [
     Arm("distill1_flops", "default + distillation λ 1, equal compute", ("rank_schedule.distill=1.0",),
         steps_share=1 / DISTILL_COST),
     Arm("slice_lr", "default + slice-aware steps γ 1", ("optimizer.slice_lr=1",)),
+    Arm("slice_lr05", "default + slice-aware steps γ 0.5", ("optimizer.slice_lr=0.5",)),
     Arm("octave1_slice_lr", "full, octave, rank-stabilized, 1 rank/step + slice-aware steps γ 1",
         (ONE, "optimizer.slice_lr=1")),
     Arm("uniform1_slice_lr", "full, uniform, rank-stabilized, 1 rank/step + slice-aware steps γ 1",

@@ -45,3 +45,16 @@ def shakespeare() -> Path:
 @pytest.fixture
 def alpaca_1k() -> Path:
     return _require(ALPACA_1K)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """A `qdylora` run in-process points the root logger at pytest's captured stderr, which closes with
+    the test: later tests would log into a closed file and see INFO records they never asked for."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

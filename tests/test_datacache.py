@@ -136,6 +136,7 @@ def test_a_checkpoint_records_its_data_and_a_resume_onto_other_data_says_so(tmp_
     state = stream.state_dict()
     assert state == {"epoch": 0, "index": 1, "data": train.fingerprint}
     other, _ = load_datasets(_cfg(path, tmp_path / "cache", source_max_len=10), tok, seed=0)
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qdylora_cli.data"):
         BatchStream(train, 4, 42, True, 0).load_state_dict({"epoch": 0, "index": 1})  # a checkpoint from before #25
         BatchStream(train, 4, 42, True, 0).load_state_dict(state)

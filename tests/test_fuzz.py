@@ -82,6 +82,7 @@ CHOICES = [
     ("optimizer.scheduler", choices.SCHEDULERS),
     ("optimizer.state_bits", choices.STATE_BITS),
     ("optimizer.paged", choices.PAGED),
+    ("rank_schedule.nested_weight", choices.NESTED_WEIGHTS),
     ("train.mixed_precision", ("auto", *choices.MIXED_PRECISION)),
 ]
 
@@ -90,6 +91,8 @@ CHOICES = [
 def test_every_choice_trains_or_is_refused_before_the_run_dir_exists(key, value, tmp_path, capsys):
     run_dir = tmp_path / "run"
     extra = ["adapter.mode=full"] if value == "fixed" else []  # a fixed rank needs mode full, said in its own line
+    if key == "rank_schedule.nested_weight":  # a weighting of nested ranks needs nested ranks to weigh
+        extra = ["adapter.mode=full", "rank_schedule.nested_ranks=powers"]
     code, err = run_cli(["train", *QUICK, f"run_dir={run_dir}", f"{key}={value}", *extra], capsys)
     if code == 0:
         assert (run_dir / "adapter" / "adapter.safetensors").is_file()
@@ -117,12 +120,13 @@ LIMITS = {
     "train.batch_size": (1, 0), "train.grad_accum": (1, 0), "train.seed": (0, -1), "train.save_every": (0, -1),
     "train.keep_last": (1, 0), "train.eval_every": (0, -1), "train.eval_batches": (1, 0), "train.log_every": (1, 0),
     "train.max_grad_norm": (0.0, -0.1), "train.max_bad_steps": (1, 0), "launcher.num_processes": (1, 0),
+    "data.num_proc": (1, 0), "optimizer.slice_lr": (0.0, -0.1), "rank_schedule.distill": (0.0, -0.1),
     "model.init_seed": None,
 }
 # Upper limits: key -> (the highest value accepted, a value just above it that is refused)
 UPPER = {"data.val_fraction": (0.99, 1.0), "adapter.dropout": (0.99, 1.0), "optimizer.warmup_ratio": (0.99, 1.0),
          "adapter.r_max": (64, None), "rank_schedule.min_rank": (64, 65), "rank_schedule.rank": (64, 65),
-         "optimizer.state_bits": (32, 33)}
+         "optimizer.state_bits": (32, 33), "rank_schedule.distill": (1.0, 1.1)}
 
 
 def test_every_number_of_the_train_schema_has_its_limits_listed():

@@ -117,8 +117,4 @@ def test_falcon_40b_on_a_v100_from_its_config_json_alone(stories260k, capsys):
     assert qdylora("plan", "+recipe=falcon40b_alpaca", f"model.name_or_path={falcon}", "gpu=v100-32gb") == 0
     out = capsys.readouterr().out
     peak = float(out.strip().splitlines()[-1].split()[1])
-    assert peak <= 28.0, out
-    code = qdylora("plan", "+recipe=falcon40b_alpaca", f"model.name_or_path={falcon}", "gpu=v100-32gb",
-                   "adapter.r_max=512")
-    err = capsys.readouterr().err
-    assert code == 1 and "it fits with adapter.r_max <=" in err
+    assert peak <= 28.0, out  # what does not fit is named: test_plan_through_the_cli_fits_or_names_what_fits

@@ -175,7 +175,7 @@ def test_every_loss_token_of_a_step_weighs_the_same_across_micro_batches(tmp_pat
         (token_losses(logits, whole["labels"]).sum() / sum(tokens)).backward()
         for name, p in s.model.named_parameters():
             if p.requires_grad:
-                torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+                torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)  # float32 sums in another order
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
