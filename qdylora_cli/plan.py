@@ -464,7 +464,7 @@ def _print(cfg: TrainConfig, gpu: GPU, by_category: dict[str, int], phase: str, 
     from rich.table import Table
 
     t = cfg.train
-    table = Table(title=f"one training step on a {gpu.name}, at its peak (during {phase})")
+    table = Table()
     table.add_column("memory")
     table.add_column("size", justify="right")
     for category in CATEGORIES:
@@ -473,6 +473,7 @@ def _print(cfg: TrainConfig, gpu: GPU, by_category: dict[str, int], phase: str, 
     table.add_row("peak", _size(need), style="bold")
     table.add_row(f"headroom on the {gpu.name} ({gpu.gib:.2f} GiB)", f"{gpu.gib - need / GIB:.2f} GiB")
     console = Console()
+    console.print(f"one training step on a {gpu.name}, at its peak (during {phase}):", soft_wrap=True)
     console.print(table)
     console.print(f"model.dtype={cfg.model.dtype}, train.mixed_precision={t.mixed_precision}, "
                   f"adapter.r_max={cfg.adapter.r_max}, train.batch_size={t.batch_size}, {length}, "
