@@ -66,7 +66,7 @@ REFERENCE_OPTIONS = {"model": "hf", "data": "alpaca", "quant": "nf4", "rank_sche
 # Free text, never Hydra syntax: `prompt=What's 3, plus 4?` is kept as typed (see _text_overrides).
 TEXT_KEYS = {"generate": ("prompt", "input"), "plan": ("gpu",)}
 _RECIPE = re.compile(r"^\+{0,2}recipe=(.*)$")
-_NAMES_RUN = re.compile(r"^[+~]{0,2}(run_dir|name)(=|$)")  # with +recipe=NAME: a command line that names its run
+_NAMES_RUN = re.compile(r"^[+~]{0,2}(run_dir|name)(=|$)")  # a reading command's own choice of run (no +recipe)
 
 
 # --- where configs live ------------------------------------------------------------------------------
@@ -329,11 +329,12 @@ def help_epilog(command: str | None, config_dir: str | Path | None = None) -> st
             "  qdylora eval rank=1..8                 # the run trained last; +recipe=NAME or run_dir=PATH: another",
             "  qdylora generate +recipe=tiny rank=[1,4,8] prompt='Reverse the word.' input=star",
             "  qdylora export +recipe=tiny rank=4 format=merged",
+            "  qdylora plan +recipe=falcon40b_alpaca gpu=v100-32gb   # does it fit? no GPU, no weights needed",
             "",
         ]
     lines += key_reference(command or "train")
     if command is None:
-        lines += ["", "keys of eval, export, generate and allocate: qdylora COMMAND --help"]
+        lines += ["", "keys of eval, export, generate, allocate and plan: qdylora COMMAND --help"]
     lines += [
         "",
         "Every key can be set as KEY=VALUE; `qdylora COMMAND ... --cfg` prints the result.",

@@ -205,7 +205,7 @@ class ExportConfig:
     rank: int | None = MISSING  # null only with `allocation`
     format: str = "peft"
     dtype: str | None = None  # null: the run's model.dtype
-    out_dir: str | None = None  # null: RUN_DIR/export/rank-B-FORMAT
+    out_dir: str | None = None  # null: export_dir (rank-B-FORMAT[-TYPE][-padded] under RUN_DIR/export)
     overwrite: bool = False
     allocation: str | None = None  # an allocation.json (a rank per module) instead of `rank`
     pad: bool = False  # an allocation at one rank (its largest, zero-padded) for runtimes that need one (vLLM)
@@ -361,9 +361,8 @@ def parse_nested_ranks(spec: Any, r_max: int, min_rank: int = 1) -> list[int] | 
         return None
     if spec == "powers":
         return sorted({min_rank, r_max, *(1 << i for i in range(r_max.bit_length()) if min_rank < 1 << i < r_max)})
-    if isinstance(spec, str):  # Hydra hands a list typed on the command line over as a list already
-        _fail(key, spec, f"null, powers, or a list of ranks in 1..adapter.r_max ({r_max}), e.g. [1, 2, 4, 8, {r_max}]")
-    ranks = list(spec) if isinstance(spec, (list, tuple)) or hasattr(spec, "__iter__") else [spec]
+    # A string other than powers is a mistake: Hydra hands a list typed on the command line over as a list.
+    ranks = [] if isinstance(spec, str) else list(spec) if hasattr(spec, "__iter__") else [spec]
     if not ranks or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= r_max for r in ranks):
         _fail(key, spec, f"null, powers, or a list of ranks in 1..adapter.r_max ({r_max}), e.g. [1, 2, 4, 8, {r_max}]")
     return sorted(set(ranks))
@@ -496,9 +495,9 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if rs.kind == "matryoshka" and rs.nested_ranks is None:
         _fail("rank_schedule.nested_ranks", None, "powers or a list of ranks with rank_schedule.kind=matryoshka "
               "(without them it is a plain QLoRA run at r_max: use kind=fixed)")
-    if rs.sandwich and (rs.kind == "fixed" or rs.ranks_per_step < 2):
-        _fail("rank_schedule.sandwich", True, "false with kind=fixed or ranks_per_step < 2 (the sandwich is min_rank "
-              "and r_max among each step's ranks)")
+    if rs.sandwich and (rs.kind in ("fixed", "matryoshka") or rs.ranks_per_step < 2):
+        _fail("rank_schedule.sandwich", True, "false with kind=fixed or matryoshka (no ranks are drawn) or "
+              "ranks_per_step < 2 (the sandwich is min_rank and r_max among each step's ranks)")
     if not 0 <= rs.distill <= 1:
         _fail("rank_schedule.distill", rs.distill, "a number in [0, 1] (the share of the lower ranks' loss that is "
               "the KL to the top rank)")

@@ -570,7 +570,8 @@ def _tokenize_source(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: 
         progress.close()
     stats = {k: sum(r[k] for r in results) for k in ("records", "cut", "dropped", "tokens")}
     if stats["records"] == 0:
-        raise QdyloraError(f"{path}: no records (data.path must hold at least one example)")
+        key = "data.path" if path == cfg.path else "data.val_path"
+        raise QdyloraError(f"{path}: no records ({key} must hold at least one example)")
     return {**stats, "processes": len(parts)}
 
 
@@ -588,16 +589,15 @@ def prepare_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
 
 def _describe_entry(path: str, entry: Entry) -> None:
     stats = entry.meta["stats"]
-    what = "tokens" if entry.meta["kind"] == "text" else f"{stats['records']:,} records, {stats['tokens']:,} tokens"
+    text = entry.meta["kind"] == "text"
+    what = f"{stats['tokens']:,} tokens" if text else f"{stats['records']:,} records, {stats['tokens']:,} tokens"
     if entry.built:
         processes = f", {stats['processes']} processes" if stats["processes"] > 1 else ""
-        rate = f", {stats['records'] / max(stats['seconds'], 1e-9):,.0f} records/s" if entry.meta["kind"] != "text" else ""
-        log.info("data: tokenized %s (%s) in %.1fs%s%s; cached in %s", path,
-                 f"{stats['tokens']:,} tokens" if entry.meta["kind"] == "text" else what, stats["seconds"],
+        rate = "" if text else f", {stats['records'] / max(stats['seconds'], 1e-9):,.0f} records/s"
+        log.info("data: tokenized %s (%s) in %.1fs%s%s; cached in %s", path, what, stats["seconds"],
                  processes, rate, entry.path)
     else:
-        log.info("data: reused the tokenized %s (%s, tokenized %s) from %s", path,
-                 f"{stats['tokens']:,} {what}" if entry.meta["kind"] == "text" else what, entry.meta["created"],
+        log.info("data: reused the tokenized %s (%s, tokenized %s) from %s", path, what, entry.meta["created"],
                  entry.path)
     if stats.get("cut") or stats.get("dropped"):
         log.info("%s: of %d conversations, %d were cut to data.max_length=%d tokens and %d dropped "

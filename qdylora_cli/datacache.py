@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from qdylora_cli.errors import DiskFullError, QdyloraError
-from qdylora_cli.rundir import disk_full
+from qdylora_cli.errors import DiskFullError, QdyloraError, first_line
+from qdylora_cli.rundir import disk_full, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,40 +93,29 @@ def fallback_root() -> Path:
     return Path(tempfile.gettempdir()) / f"qdylora-data-cache-{uid}"
 
 
-def _digest(data: bytes) -> str:
+def _hasher() -> Any:
+    """xxh3-128 (a dependency of datasets: several GB/s, so hashing a source whole is cheap), else blake2b."""
     try:
-        import xxhash  # a dependency of datasets: several GB/s, so hashing a source whole is cheap
+        import xxhash
 
-        return xxhash.xxh3_128_hexdigest(data)
+        return xxhash.xxh3_128()
     except ImportError:
         import hashlib
 
-        return hashlib.blake2b(data, digest_size=16).hexdigest()
+        return hashlib.blake2b(digest_size=16)
 
 
-class _Hasher:
-    def __init__(self) -> None:
-        try:
-            import xxhash
-
-            self._h: Any = xxhash.xxh3_128()
-        except ImportError:
-            import hashlib
-
-            self._h = hashlib.blake2b(digest_size=16)
-
-    def update(self, data: bytes) -> None:
-        self._h.update(data)
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
+def _digest(data: bytes) -> str:
+    h = _hasher()
+    h.update(data)
+    return h.hexdigest()
 
 
 def file_fingerprint(path: Path) -> dict[str, Any]:
     """A local file's resolved path, size, mtime and a hash of its content (whole up to CONTENT_HASH_LIMIT)."""
     path = Path(path).expanduser().resolve()
     st = path.stat()
-    h = _Hasher()
+    h = _hasher()
     with open(path, "rb") as f:
         if st.st_size <= CONTENT_HASH_LIMIT:
             for chunk in iter(lambda: f.read(1 << 23), b""):
@@ -224,14 +213,6 @@ def _locked(path: Path, what: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def find_or_build(root: Path, name: str, key: str, material: dict[str, Any], what: str,
                   build: Callable[[Path], dict[str, Any]]) -> Entry:
     """The entry `name` under `root`: reused if complete, else built by `build(tmp_dir)` (which writes the
@@ -261,7 +242,7 @@ def find_or_build(root: Path, name: str, key: str, material: dict[str, Any], wha
                 f.flush()
                 os.fsync(f.fileno())
             tmp.rename(final)
-            _fsync(root)
+            fsync_dir(root)
         except BaseException as e:
             full = isinstance(e, Exception) and not isinstance(e, QdyloraError) and disk_full(e, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -338,7 +319,7 @@ class ShardWriter:
         np.cumsum(lengths, out=offsets[1:])
         total = int(offsets[-1])
         if total >= 1 << 31:
-            raise QdyloraError("more than 2^31 tokens in one batch of records; this cannot be stored")
+            raise QdyloraError(f"{self.path}: more than 2^31 tokens in one batch of records; this cannot be stored")
         kept = [e for e in examples if e is not None]
         # chain in C: no Python step per token (a generator over tokens took a third of tokenizing's time)
         ids = np.fromiter(chain.from_iterable(e["input_ids"] for e in kept), np.int64, total)
@@ -386,14 +367,15 @@ def _mapped_table(path: Path) -> Any:
     try:
         return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
     except (OSError, pa.ArrowInvalid) as e:
-        raise QdyloraError(f"the data cache file {path} is unreadable ({e}); delete its folder to tokenize again") from None
+        raise QdyloraError(f"the data cache file {path} is unreadable ({first_line(e)}); delete its folder to "
+                           "tokenize again") from None
 
 
-def _view(array: Any, dtype: Any, extra: int = 0) -> np.ndarray:
-    """The values (or, with extra=1, a list array's offsets) of an Arrow array as a numpy view of its
-    buffer: the mapped pages themselves. (`to_numpy` would import pandas: half a second.)"""
+def _view(array: Any, dtype: Any, source: Path, extra: int = 0) -> np.ndarray:
+    """The values (or, with extra=1, a list array's offsets) of an Arrow array of the file `source` as a
+    numpy view of its buffer: the mapped pages themselves. (`to_numpy` would import pandas: half a second.)"""
     if array.null_count:
-        raise QdyloraError("the data cache holds missing values; delete its folder to tokenize again")
+        raise QdyloraError(f"the data cache file {source} holds missing values; delete its folder to tokenize again")
     dtype = np.dtype(dtype)
     return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array) + extra, offset=array.offset * dtype.itemsize)
 
@@ -403,8 +385,8 @@ def read_token_array(path: Path) -> np.ndarray:
     if not chunks:
         return np.zeros(0, np.int32)
     if len(chunks) > 1:  # written as one batch; a copy only if something else wrote it
-        return np.concatenate([_view(c, np.int32) for c in chunks])
-    return _view(chunks[0], np.int32)
+        return np.concatenate([_view(c, np.int32, path) for c in chunks])
+    return _view(chunks[0], np.int32, path)
 
 
 # --- reading examples by index -------------------------------------------------------------------------
@@ -427,12 +409,12 @@ def record_spans(shard: Path) -> list[TokenSpans]:
     ids_col, mask_col, loss_col = (table.column(c).chunks for c in ("input_ids", "loss_mask", "loss_tokens"))
     spans = []
     for ids, mask, loss in zip(ids_col, mask_col, loss_col):
-        offsets = _view(ids, np.int32, extra=1).astype(np.int64)  # into the values: valid for a sliced array too
-        if not np.array_equal(_view(mask, np.int32, extra=1), _view(ids, np.int32, extra=1)):
+        offsets = _view(ids, np.int32, shard, extra=1).astype(np.int64)  # into the values: valid for a slice too
+        if not np.array_equal(_view(mask, np.int32, shard, extra=1), _view(ids, np.int32, shard, extra=1)):
             raise QdyloraError(f"the data cache file {shard} is inconsistent; delete its folder to tokenize again")
         values, mask_values = ids.values, mask.values
-        spans.append(TokenSpans(_view(values, np.int32)[: len(values)], offsets[:-1], offsets[1:],
-                                _view(mask_values, np.uint8), _view(loss, np.int32).astype(np.int64)))
+        spans.append(TokenSpans(_view(values, np.int32, shard)[: len(values)], offsets[:-1], offsets[1:],
+                                _view(mask_values, np.uint8, shard), _view(loss, np.int32, shard).astype(np.int64)))
     return spans
 
 
@@ -627,8 +609,8 @@ def run_shards(work: Callable[[Any, Any, Path, Callable[[int, int], None]], dict
                 except (EOFError, OSError):  # died without a word: killed (out of memory?)
                     procs[i].join()
                     status, value = "error", QdyloraError(
-                        f"a tokenizing process died (exit code {procs[i].exitcode}; out of memory?); "
-                        "set data.num_proc lower")
+                        f"a tokenizing process died on part {i + 1} of {len(shards)} of the source (exit code "
+                        f"{procs[i].exitcode}; out of memory?); set data.num_proc lower")
                 (results if status == "ok" else errors)[i] = value
             progress.update(sum(counters[0::2]), sum(counters[1::2]))
             if errors and all(j in results for j in range(min(errors))):

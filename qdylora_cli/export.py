@@ -49,7 +49,7 @@ from qdylora_cli.gguf import (
     write_lora,
     write_model,
 )
-from qdylora_cli.model import _resolve, load_run_model, load_run_tokenizer, torch_dtype
+from qdylora_cli.model import load_run_model, load_run_tokenizer, resolve_base_ref, torch_dtype
 from qdylora_cli.rundir import (
     ADAPTER,
     BASE_MODEL,
@@ -76,7 +76,7 @@ def export_dir(cfg: ExportConfig, params: int | None = None) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
     name = f"rank-{cfg.rank}" if cfg.allocation is None else f"allocation-{params}params"
-    kind = cfg.format + (f"-{cfg.gguf_type or DEFAULT_GGUF_TYPE}" if cfg.format.startswith("gguf") else "")
+    kind = cfg.format + (f"-{gguf_type(cfg)}" if cfg.format.startswith("gguf") else "")
     return Path(cfg.run_dir) / EXPORT / f"{name}-{kind}{'-padded' if cfg.pad else ''}"
 
 
@@ -270,6 +270,11 @@ def gguf_type(cfg: ExportConfig) -> str:
     return cfg.gguf_type or DEFAULT_GGUF_TYPE
 
 
+def _gguf_name(cfg: ExportConfig) -> str:
+    """The model name written into a GGUF: the run's folder and what of it was exported."""
+    return Path(cfg.run_dir).resolve().name + (f"-rank{cfg.rank}" if cfg.allocation is None else "-allocation")
+
+
 def _gguf_info(cfg: ExportConfig, meta: Mapping[str, Any], rank: int | Mapping[str, int]) -> dict[str, Any]:
     """What the GGUF's qdylora.* keys record: enough for a LoRA export to recognise its base."""
     return {"rank": cfg.rank, "source_run": str(Path(cfg.run_dir).resolve()), "base_model": meta["base_model"],
@@ -280,7 +285,7 @@ def _gguf_info(cfg: ExportConfig, meta: Mapping[str, Any], rank: int | Mapping[s
 def _base_config(run_dir: Path, meta: Mapping[str, Any]) -> PretrainedConfig:
     """The run's base model config, without loading its weights."""
     try:
-        return AutoConfig.from_pretrained(_resolve(meta["base_model"], run_dir), trust_remote_code=meta["trust_remote_code"])
+        return AutoConfig.from_pretrained(resolve_base_ref(meta["base_model"], run_dir), trust_remote_code=meta["trust_remote_code"])
     except (OSError, ValueError) as e:
         raise QdyloraError(f"cannot read the base model's config ({meta['base_model']}): {first_line(e)}") from None
 
@@ -319,9 +324,8 @@ def _export_gguf(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int]) ->
     """One GGUF of the merged model (rank 0: the dequantized base) and an Ollama Modelfile; returns the .gguf."""
     # float32 merge: gguf_type alone decides how the weights are rounded
     model, tokenizer, meta = _merged_model(cfg, rank, dtype="float32")
-    name = Path(cfg.run_dir).resolve().name + (f"-rank{cfg.rank}" if cfg.allocation is None else "-allocation")
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-        write_model(tmp / MODEL_FILE, model, tokenizer, gguf_type(cfg), name, _gguf_info(cfg, meta, rank))
+        write_model(tmp / MODEL_FILE, model, tokenizer, gguf_type(cfg), _gguf_name(cfg), _gguf_info(cfg, meta, rank))
         (tmp / MODELFILE).write_text(f"FROM ./{MODEL_FILE}\n")
     return out / MODEL_FILE
 
@@ -331,9 +335,9 @@ def _export_gguf_lora(cfg: ExportConfig, out: Path, rank: int | Mapping[str, int
     """llama.cpp's LoRA adapter GGUF of `rank` for the base GGUF `base`, and a Modelfile naming both."""
     weights, meta = load_adapter(Path(cfg.run_dir) / ADAPTER)
     factors, _, lora_alpha, _ = lora_factors(weights, meta, rank, pad=cfg.pad)
-    name = Path(cfg.run_dir).resolve().name + (f"-rank{cfg.rank}" if cfg.allocation is None else "-allocation")
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-        write_lora(tmp / ADAPTER_FILE, factors, lora_alpha, config, gguf_type(cfg), name, _gguf_info(cfg, meta, rank))
+        write_lora(tmp / ADAPTER_FILE, factors, lora_alpha, config, gguf_type(cfg), _gguf_name(cfg),
+                   _gguf_info(cfg, meta, rank))
         (tmp / MODELFILE).write_text(f"FROM {base.resolve()}\nADAPTER ./{ADAPTER_FILE}\n")
     return out / ADAPTER_FILE
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qdylora_cli.data import IGNORE_INDEX
+from qdylora_cli.datacache import IGNORE_INDEX
 
 
 def loss_tokens(labels: torch.Tensor) -> torch.Tensor:

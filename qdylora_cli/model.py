@@ -168,7 +168,7 @@ def save_base_model(run_dir: Path, base: PreTrainedModel, tokenizer: PreTrainedT
         tokenizer.save_pretrained(tmp)
 
 
-def _resolve(ref: str, run_dir: Path) -> str:
+def resolve_base_ref(ref: str, run_dir: Path) -> str:
     """Base-model references are relative to the run dir when they name its own `base_model/`."""
     candidate = Path(run_dir) / ref
     return str(candidate) if candidate.exists() else ref
@@ -176,7 +176,7 @@ def _resolve(ref: str, run_dir: Path) -> str:
 
 def load_run_tokenizer(run_dir: Path, meta: dict[str, Any]) -> PreTrainedTokenizerBase:
     """The tokenizer a run was trained with (`meta`: its adapter_config.json)."""
-    return load_tokenizer(_resolve(meta["tokenizer"], Path(run_dir)), trust_remote_code=meta["trust_remote_code"])
+    return load_tokenizer(resolve_base_ref(meta["tokenizer"], Path(run_dir)), trust_remote_code=meta["trust_remote_code"])
 
 
 def load_run_model(
@@ -189,7 +189,7 @@ def load_run_model(
         raise QdyloraError(f"{run_dir} has no finished adapter ({adapter_dir / ADAPTER_CONFIG} is missing)")
     weights, meta = load_adapter(adapter_dir)
     tokenizer = load_run_tokenizer(run_dir, meta)
-    base = ModelConfig(name_or_path=_resolve(meta["base_model"], run_dir), dtype=dtype or meta["dtype"],
+    base = ModelConfig(name_or_path=resolve_base_ref(meta["base_model"], run_dir), dtype=dtype or meta["dtype"],
                        trust_remote_code=meta["trust_remote_code"])
     model, _ = load_base_model(base, QuantConfig(**meta["quant"]), meta["target_modules"], device=device)
     inject_adapters(

@@ -48,10 +48,10 @@ from qdylora_cli.cuda_autocast import CudaAutocastPolicy
 from qdylora_cli.data import max_sequence_length
 from qdylora_cli.errors import QdyloraError, ResourceError, first_line
 from qdylora_cli.loading import build_skeleton, prequantized_nf4
-from qdylora_cli.loss import token_losses
+from qdylora_cli.loss import distill_losses, token_losses
 from qdylora_cli.model import enable_gradient_checkpointing, torch_dtype
 from qdylora_cli.quant import NF4Linear, gpu_code_path
-from qdylora_cli.train import build_optimizer, with_device_defaults
+from qdylora_cli.train import build_optimizer, with_device_defaults, within_context
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +263,20 @@ def measure(cfg: TrainConfig, config: PretrainedConfig, length: int, *, on: str 
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            taught = _taught_rows(cfg)
             with memory.during("forward"), autocast():
-                loss = token_losses(model(input_ids=ids, use_cache=False).logits, ids).sum()
+                teacher = None
+                if taught:  # in-place distillation: the top rank's logits for the lower ranks' rows, kept to backward
+                    with torch.no_grad():
+                        teacher = model(input_ids=ids[:taught], use_cache=False).logits
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss = token_losses(logits, ids).sum()
+                if teacher is not None:
+                    loss = loss + distill_losses(logits[:taught], teacher, ids[:taught]).sum()
+                del logits
             with memory.during("backward"):
                 loss.backward()
-            del loss
+            del loss, teacher
             with memory.during("optimizer"):
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
                 optimizer.mark_trained(trained_slices(a.r_max, a.mode))
@@ -277,6 +286,18 @@ def measure(cfg: TrainConfig, config: PretrainedConfig, length: int, *, on: str 
                 _validation(model, ids, autocast, memory)
         allocator = torch.cuda.max_memory_allocated() if device == "cuda" else None
         return Measured(memory.peaks, memory.live["optimizer state"], allocator)
+
+
+def _taught_rows(cfg: TrainConfig) -> int:
+    """Rows of the costliest micro-batch that learn from the teacher (rank_schedule.distill): those below
+    the step's top rank. With gradient accumulation (or more ranks than rows) some micro-batch has no
+    row at the top rank, so all its rows are taught; otherwise all but the top rank's chunk."""
+    k, rows = cfg.rank_schedule.ranks_per_step, cfg.train.batch_size
+    if cfg.rank_schedule.distill <= 0 or k < 2:
+        return 0
+    if cfg.train.grad_accum > 1 or k > rows:
+        return rows
+    return rows - rows // k
 
 
 @contextmanager
@@ -370,7 +391,9 @@ def largest(peak: Callable[[int], int], x0: int, p0: int, budget: int, high: int
     if x1 == x0:
         return x0 if p0 <= budget else None
     slope = (peak(x1) - p0) / (x1 - x0)
-    best = high if slope <= 0 else min(high, math.floor(x0 + (budget - p0) / slope))
+    if slope <= 0:  # the peak does not grow with x: it fits everywhere or nowhere
+        return high if p0 <= budget else None
+    best = min(high, math.floor(x0 + (budget - p0) / slope))
     return best if best >= 1 else None
 
 
@@ -411,9 +434,7 @@ CATEGORIES = ("NF4 weights", "other frozen weights", "adapters", "gradients", "o
 
 def plan_config(cfg: TrainConfig, gpu: GPU) -> TrainConfig:
     """`cfg` with the auto settings made concrete as on `gpu` (bf16 or fp16, checkpointing on)."""
-    from qdylora_cli.train import _within_context
-
-    return _within_context(with_device_defaults(cfg, on_cuda=True, bf16=gpu.bf16))
+    return within_context(with_device_defaults(cfg, on_cuda=True, bf16=gpu.bf16))
 
 
 def run(plan: PlanConfig) -> None:
@@ -430,14 +451,15 @@ def run(plan: PlanConfig) -> None:
     fits = limits(cfg, config, length, peak, budget)
     _print(cfg, gpu, by_category, phase, peak + context, f"sequence length {length} ({keys})")
     print(f"fits on the {gpu.name}, each with the other settings as given: {_what_fits(fits)}")
-    paged = cfg.optimizer.paged != "false"  # on with CUDA and bitsandbytes (adapters/optim.py)
+    paged = cfg.optimizer.paged != "false"  # on a GPU with bitsandbytes, one process or DDP (optim.resolve_paged)
     if paged:
         # The driver may move the state to host RAM while forward and backward need the memory; the
         # optimizer step prefetches it back, when activations are gone.
         computing = max(total for p, (total, _) in measured.peaks.items() if p != "optimizer")
         paged_peak = max(computing - measured.state_bytes, measured.peaks["optimizer"][0])
         print(f"optimizer.paged: the optimizer state ({_size(measured.state_bytes)}) can wait in host RAM during "
-              f"forward and backward; the peak is then {_size(paged_peak + context)}")
+              f"forward and backward; the peak is then {_size(paged_peak + context)} (with bitsandbytes installed; "
+              "not under FSDP, which shards the state instead)")
     verdict = ("fits" if peak <= budget else "fits with paging (slower: the state moves every step)"
                if paged and paged_peak <= budget else "does not fit")
     print(f"peak {_size(peak + context)} of {gpu.gib:.2f} GiB: {verdict} (planned in "

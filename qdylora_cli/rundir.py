@@ -190,7 +190,8 @@ def clear_old_run(run_dir: Path) -> None:
 # --- atomic files, checkpoints, the adapter --------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -298,7 +299,7 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
             old = target.parent / f".old-{target.name}-{os.getpid()}"
             target.rename(old)
         tmp.rename(target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException as e:
         # Disk full, permissions, ...: the previous `target` stays (put back if it was moved aside already).
         # safetensors and torch report a full disk in their own words: classified before the cleanup frees space.

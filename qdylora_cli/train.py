@@ -66,7 +66,7 @@ from qdylora_cli.distributed import (
     make_nf4_shardable,
     optimizer_state,
 )
-from qdylora_cli.errors import Interrupted, QdyloraError, ResourceError, is_out_of_memory
+from qdylora_cli.errors import Interrupted, QdyloraError, ResourceError, first_line, is_out_of_memory
 from qdylora_cli.evaluate import rank_losses
 from qdylora_cli.loss import distill_losses, loss_tokens, token_losses
 from qdylora_cli.model import (
@@ -275,7 +275,7 @@ def with_device_defaults(cfg: TrainConfig, on_cuda: bool, bf16: bool | None = No
                    train=replace(t, mixed_precision=mixed, gradient_checkpointing=checkpointing))
 
 
-def _within_context(cfg: TrainConfig) -> TrainConfig:
+def within_context(cfg: TrainConfig) -> TrainConfig:
     """Refuse sequences longer than the model's positions. A chat cap (data.max_length without packing) only
     cuts long conversations, so one above the context is lowered to it instead: chat's default of 2048
     tokens then works unchanged with a model of shorter context."""
@@ -326,13 +326,19 @@ def _from_main(accelerator: Accelerator, value: Any) -> Any:
 def _on_main(accelerator: Accelerator, work: Callable[[], Any]) -> Any:
     """`work()` on the main process, its result on every process; if it fails, every process stops
     with its error (the others would otherwise wait for the main process forever)."""
-    result = error = None
+    result = error = failure = None
     if accelerator.is_main_process:
         try:
             result = work()
         except QdyloraError as e:
             error = e  # the exception itself (it pickles): a full disk keeps its type and exit code
+        except Exception as e:  # a bug, not the user's input: the others stop with its first line
+            if accelerator.num_processes == 1:
+                raise
+            failure, error = e, QdyloraError(f"the main process failed: {type(e).__name__}: {first_line(e)}")
     result, error = _from_main(accelerator, (result, error))
+    if failure is not None:
+        raise failure  # the main process keeps its traceback
     if error is not None:
         raise error
     return result
@@ -354,7 +360,7 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
     accelerator = _make_accelerator(cfg, run_dir)
     main = accelerator.is_main_process
     assign_ranks([1] * cfg.rank_schedule.ranks_per_step, accelerator.num_processes, t.grad_accum, t.batch_size)
-    cfg = _within_context(cfg)
+    cfg = within_context(cfg)
     existed = _from_main(accelerator, run_dir.is_dir())  # one answer for every process: they must agree
     if existed:  # an existing run is locked before it is read
         _lock(accelerator, run_dir, cleanup)

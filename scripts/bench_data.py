@@ -5,7 +5,7 @@ against `datasets.map` doing the same tokenization. Run it alone on the machine:
     python scripts/bench_data.py 20000              # one size
     python scripts/bench_data.py 20000 --num-proc 1 # tokenize in one process
 
-For each N, a JSONL file of N records (about 550 bytes each, as Alpaca's with inputs: about 300
+For each N, a JSONL file of N records (about 520 bytes each, as Alpaca's with inputs: about 280
 tokens with stories260K's tokenizer) is written once into --workdir, then:
 
 - first launch: `qdylora train model=hf model.name_or_path=MODEL data=json data.path=FILE train.max_steps=1`

@@ -22,8 +22,8 @@ does) and evaluated at ranks 0 (base model), 1, 2, 4, 8, 16 on the whole held-ou
 Compute is counted in QLoRA runs: the tokens of the training steps, plus half of those of any extra
 forward without gradient (in-place distillation's teacher): with the base frozen, a backward pass
 computes the inputs' gradients (the matmuls of the forward) but no base weight gradient, so a
-training pass costs about two forwards. An arm's `step_cost` is that ratio per step; its `flops`
-twin trains 1/step_cost of the steps, the compute of one QLoRA run.
+training pass costs about two forwards. A distillation step costs DISTILL_COST training steps; its
+`*_flops` twin arm trains `steps_share` = 1/DISTILL_COST of the steps, the compute of one QLoRA run.
 
 Runs go to `--workers` processes of one thread each; run walls therefore include waiting for
 the other worker and for anything else on the machine (the load average is reported). Each run

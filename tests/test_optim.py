@@ -9,9 +9,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_adapters import R_MAX, make_adapter
-from test_train import _metrics, _tiny
+from test_train import _tiny, assert_resumed_like_straight
 
 from qdylora_cli import train
 from qdylora_cli.adapters import RankAwareAdamW, adapter_parameters, optim, resolve_paged, trained_slices
@@ -386,13 +385,7 @@ def test_tiny_recipe_with_8bit_state_resumes_bit_identical(tmp_path):
         check_same_run(other, crashed)
     # where the moments live may change on resume (on a CPU paging is off either way)
     train.run(_tiny(crashed, "train.resume=true", "optimizer.paged=false"))
-    a = load_file(str(straight / "adapter" / "adapter.safetensors"))
-    b = load_file(str(crashed / "adapter" / "adapter.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].equal(b[key]), key
-    assert [m["step"] for m in _metrics(crashed)] == [1, 2, 3, 4, 5, 6]
-    assert [m["loss"] for m in _metrics(crashed)] == [m["loss"] for m in _metrics(straight)]
+    assert_resumed_like_straight(straight, crashed)
     last = torch.load(crashed / "checkpoints" / "step-6" / "optimizer.pt", weights_only=True)
     first = torch.load(straight / "checkpoints" / "step-6" / "optimizer.pt", weights_only=True)
     for index, state in first["state"].items():

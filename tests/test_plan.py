@@ -118,3 +118,13 @@ def test_falcon_40b_on_a_v100_from_its_config_json_alone(stories260k, capsys):
     out = capsys.readouterr().out
     peak = float(out.strip().splitlines()[-1].split()[1])
     assert peak <= 28.0, out  # what does not fit is named: test_plan_through_the_cli_fits_or_names_what_fits
+
+
+def test_distillation_counts_the_teacher_s_logits_through_backward():
+    """rank_schedule.distill keeps the top rank's logits of the taught rows (3 of 4 here: all but the top
+    rank's chunk) until the students' backward."""
+    cfg, config, length = _planned("+recipe=tiny", "train.batch_size=4", "rank_schedule.ranks_per_step=4")
+    plain = plan.measure(cfg, config, length)
+    taught = replace(cfg, rank_schedule=replace(cfg.rank_schedule, distill=0.5))
+    extra = plan.measure(taught, config, length).peaks["backward"][0] - plain.peaks["backward"][0]
+    assert extra >= 3 * length * config.vocab_size * 4  # at least the teacher's float32 logits

@@ -54,6 +54,17 @@ def _tiny(run_dir, *extra):
                                     "adapter.dropout=0.1", *extra])
 
 
+def assert_resumed_like_straight(straight, resumed) -> None:
+    """The resumed 6-step run ends with the straight run's adapter, bit for bit, and logged the same losses."""
+    a = load_file(str(straight / "adapter" / "adapter.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), key
+    assert [m["step"] for m in _metrics(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in _metrics(resumed)] == [m["loss"] for m in _metrics(straight)]
+
+
 def test_resume_after_a_crash_ends_bit_identical(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train.run(_tiny(straight))
@@ -62,13 +73,7 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path):
     shutil.rmtree(crashed / "adapter")
     shutil.rmtree(crashed / "checkpoints" / "step-6")
     train.run(_tiny(crashed, "train.resume=true"))
-    a = load_file(str(straight / "adapter" / "adapter.safetensors"))
-    b = load_file(str(crashed / "adapter" / "adapter.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].equal(b[key]), key
-    assert [m["step"] for m in _metrics(crashed)] == [1, 2, 3, 4, 5, 6]
-    assert [m["loss"] for m in _metrics(crashed)] == [m["loss"] for m in _metrics(straight)]
+    assert_resumed_like_straight(straight, crashed)
 
 
 def _as_saved_by_version_0_1(run_dir, step):

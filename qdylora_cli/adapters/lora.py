@@ -81,7 +81,7 @@ class NestedRanks:
             raise QdyloraError(f"rank_schedule.nested_weight {self.weight!r} is unknown; expected one of "
                                f"{', '.join(NESTED_WEIGHTS)}")
         if not self.ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.ranks):
-            raise QdyloraError(f"nested ranks must be positive integers, got {list(self.ranks)}")
+            raise QdyloraError(f"rank_schedule.nested_ranks: expected positive integers, got {list(self.ranks)}")
         if list(self.ranks) != sorted(set(self.ranks)):
             object.__setattr__(self, "ranks", tuple(sorted(set(self.ranks))))
 

@@ -190,7 +190,8 @@ def set_nested(model: nn.Module, nested: NestedRanks | None) -> None:
                 raise QdyloraError("nested ranks (rank_schedule.nested_ranks) need adapter.mode=full: a mixture "
                                    "trains every slice of its ranks")
             if max(nested.ranks) > adapter.r_max:
-                raise QdyloraError(f"nested rank {max(nested.ranks)} is above adapter.r_max={adapter.r_max}")
+                raise QdyloraError(f"rank_schedule.nested_ranks: rank {max(nested.ranks)} is above "
+                                   f"adapter.r_max={adapter.r_max}")
     for adapter in adapters:
         adapter.nested = nested
 
