@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -48,9 +49,9 @@ from qdylora_cli.cuda_autocast import CudaAutocastPolicy
 from qdylora_cli.data import max_sequence_length
 from qdylora_cli.errors import QdyloraError, ResourceError, first_line
 from qdylora_cli.loading import build_skeleton, prequantized_nf4
-from qdylora_cli.loss import distill_losses, token_losses
+from qdylora_cli.loss import token_losses
 from qdylora_cli.model import enable_gradient_checkpointing, torch_dtype
-from qdylora_cli.quant import NF4Linear, gpu_code_path
+from qdylora_cli.quant import NF4Linear, gpu_code_path, warm_caches
 from qdylora_cli.train import build_optimizer, with_device_defaults, within_context
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ def measure(cfg: TrainConfig, config: PretrainedConfig, length: int, *, on: str 
     device = "cuda" if on == "cuda" else "cpu"
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
     memory = DeviceMemory()
+    warm_caches(device)
     with (FakeTensorMode(allow_non_fake_inputs=True) if on == "fake" else nullcontext(), gpu_code_path(),
           CudaAutocastPolicy() if device == "cpu" else nullcontext(), _rows_without_padding()):
         model = build_model(cfg, config, device)
@@ -271,8 +273,10 @@ def measure(cfg: TrainConfig, config: PretrainedConfig, length: int, *, on: str 
                         teacher = model(input_ids=ids[:taught], use_cache=False).logits
                 logits = model(input_ids=ids, use_cache=False).logits
                 loss = token_losses(logits, ids).sum()
-                if teacher is not None:
-                    loss = loss + distill_losses(logits[:taught], teacher, ids[:taught]).sum()
+                if teacher is not None:  # loss.distill_losses at every position (fake tensors cannot take its mask)
+                    student = F.log_softmax(logits[:taught].float(), dim=-1)
+                    target = F.log_softmax(teacher.float(), dim=-1)
+                    loss = loss + F.kl_div(student, target, log_target=True, reduction="none").sum()
                 del logits
             with memory.during("backward"):
                 loss.backward()

@@ -1,7 +1,8 @@
 """`DynamicRankLoRA`: one adapter that holds every LoRA rank 1..r_max at once (DyLoRA), on a float or NF4 base.
 
-At rank b the layer computes `y = base(x) + s(b)·dropout(x)·A[:b]ᵀ·B[:, :b]ᵀ` (SPEC §2), where the
-scale s(b) is one of `SCALES`; variant `dora` rescales each output row to a learned magnitude (SPEC §3).
+At rank b the layer computes `y = base(x) + s(b)·dropout(x)·A[:b]ᵀ·B[:, :b]ᵀ` (../shared/SPEC.md §2),
+where the scale s(b) is one of `ADAPTER_SCALES` (`rank_scale`); variant `dora` rescales each output
+row to a learned magnitude (SPEC.md §3).
 
 A (r_max×in) and B (out×r_max) are one parameter each, as in any LoRA; the active rank is a view
 (`A[:b]`, `B[:, :b]`). Slices above the active rank are not in the graph and get a zero gradient;
@@ -35,7 +36,7 @@ Rank = int | tuple[int, ...]
 
 
 def rank_scale(scale: str, alpha: float, r_max: int, b: int) -> float:
-    """s(b), the factor of the rank-b update (SPEC §2).
+    """s(b), the factor of the rank-b update (SPEC.md §2).
 
     `alpha_over_rank`: α/b, DyLoRA's and the papers' (rank b is a LoRA with r=b, lora_alpha=α).
     `rank_stabilized`: (α/r_max)·√(r_max/b), rsLoRA's 1/√b fall-off; equal to α/b at r_max.

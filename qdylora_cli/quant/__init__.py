@@ -5,10 +5,10 @@ import logging
 from types import ModuleType
 
 from qdylora_cli.quant.linear import NF4Linear
-from qdylora_cli.quant.nf4 import NF4_CODE, NF4State, dequantize_nf4, gpu_code_path, quantize_nf4
+from qdylora_cli.quant.nf4 import NF4_CODE, NF4State, dequantize_nf4, gpu_code_path, quantize_nf4, warm_caches
 
 __all__ = ["NF4_CODE", "NF4Linear", "NF4State", "dequantize_nf4", "gpu_code_path", "import_bitsandbytes",
-           "quantize_nf4"]
+           "quantize_nf4", "warm_caches"]
 
 
 @functools.cache

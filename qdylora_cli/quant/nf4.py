@@ -303,6 +303,14 @@ def _chunk_size(n: int, blocksize: int, device: torch.device) -> int:
     return min(n, max(blocksize, chunk // blocksize * blocksize))
 
 
+def warm_caches(device: torch.device | str) -> None:
+    """Make the lookup tables of `device` (and import bitsandbytes, whose module makes its own) now, as
+    real tensors: made first under fake tensors (`qdylora plan`) they would be cached fake, and counted
+    as the first step's memory."""
+    _tables(torch.device(device))
+    _bitsandbytes()
+
+
 @dataclass(frozen=True)
 class _Tables:
     pairs: Tensor  # int64 [256]: the two float32 NF4 values of each byte, as one 8-byte word
