@@ -224,7 +224,6 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, *, backend
     out = torch.empty(n, dtype=dtype, device=device)
     byte_index = torch.empty(chunk // 2, dtype=torch.int64, device=device)
     pairs = torch.empty(chunk // 2, dtype=torch.int64, device=device)
-    product = out if dtype == torch.float32 else torch.empty(chunk, dtype=torch.float32, device=device)
 
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -236,11 +235,8 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, *, backend
         torch.gather(table, 1, index, out=pairs[: m // 2].view(-1, blocksize // 2))
         codes = pairs[: m // 2].view(torch.float32).view(-1, blocksize)
         scale = absmax[start // blocksize : stop // blocksize, None]
-        if product is out:
-            torch.mul(codes, scale, out=out[start:stop].view(-1, blocksize))
-        else:
-            torch.mul(codes, scale, out=product[:m].view(-1, blocksize))
-            out[start:stop].copy_(product[:m])
+        # The product is computed in float32 and rounded once into `dtype`, as bitsandbytes does.
+        torch.mul(codes, scale, out=out[start:stop].view(-1, blocksize))
     return out.view(state.shape)
 
 
