@@ -579,8 +579,8 @@ def forward_backward(s: Session, ranks: list[int]) -> tuple[float, int, list[int
                 per_token = token_losses(logits, labels)
                 if teacher is not None:
                     mix = students[taught]  # of the taught rows, those below the top rank
-                    kl = distill_losses(logits[taught][mix], teacher[mix], labels[taught][mix])
-                    rows = taught.nonzero().squeeze(1)[mix]
+                    rows = taught.nonzero().squeeze(1)[mix]  # ...as rows of the batch: one gather of the logits
+                    kl = distill_losses(logits[rows], teacher[mix], labels[rows])
                     per_token = per_token.index_put((rows,), (1 - distill) * per_token[rows] + distill * kl)
                 # Gradients are averaged over processes, hence the factor: the sum is over the step's tokens.
                 loss = per_token.sum() * (acc.num_processes / total)

@@ -286,6 +286,14 @@ class DynamicRankLoRA(nn.Module):
             out = out + _row_of_chunk((1 - scale) * bias.float(), y).to(y.dtype)
         return out
 
+    def _dora_terms(self, weight: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+        """What every rank's DoRA norm shares, over the first `top` slices (call with autocast off):
+        ‖W‖² per row, W·Aᵀ (out×top) and A·Aᵀ, all float32, and B[:, :top]."""
+        A, B = self.lora_A[:top], self.lora_B[:, :top]
+        w2 = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+        wa = F.linear(weight, A.to(weight.dtype)).float()
+        return w2, wa, A @ A.T, B
+
     @torch.no_grad()
     def _dora_norms(self, weight: torch.Tensor, ranks: tuple[int, ...], top: int) -> torch.Tensor:
         """Row norms of `W + s(b)·B[:, :b]·A[:b]` for each rank b, shape (len(ranks), out), float32.
@@ -295,10 +303,7 @@ class DynamicRankLoRA(nn.Module):
         """
         # Autocast off: these small products decide every row's scale, keep them in float32.
         with torch.autocast(weight.device.type, enabled=False):
-            A, B = self.lora_A[:top], self.lora_B[:, :top]
-            w2 = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
-            wa = F.linear(weight, A.to(weight.dtype)).float()  # out×top
-            aa = A @ A.T
+            w2, wa, aa, B = self._dora_terms(weight, top)
             per_rank = {0: w2.sqrt()}  # rank-0 chunks ignore it (scale 1) but keep the stack rectangular
             for b in set(ranks) - {0}:
                 s, bb = self.rank_scale(b), B[:, :b]
@@ -315,11 +320,7 @@ class DynamicRankLoRA(nn.Module):
         + Σ (B⊙c)⊙((B⊙c)·A·Aᵀ).
         """
         with torch.autocast(weight.device.type, enabled=False):
-            top = columns.shape[1]
-            A, B = self.lora_A[:top], self.lora_B[:, :top]
-            w2 = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
-            wa = F.linear(weight, A.to(weight.dtype)).float()
-            aa = A @ A.T
+            w2, wa, aa, B = self._dora_terms(weight, columns.shape[1])
             norms = []
             for c in columns:
                 bc = B * c
