@@ -227,12 +227,8 @@ def test_float16_weights_without_loss_scaling_are_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_paper_recipe_on_a_two_layer_falcon_40b_trains_evaluates_and_exports(
-        tmp_path, monkeypatch, stories260k, alpaca_1k):
-    """`+recipe=falcon40b_alpaca` as on the paper's V100 (float16 weights, fp16 steps with loss scaling,
-    dropout, gradient checkpointing), on Falcon-40B's architecture (new decoder, 8 KV heads, parallel
-    attention, LayerNorm: float32 into the adapters under fp16) at a width a CPU trains; then eval and
-    export read the run with no recipe."""
+def _falcon_40b_2_layers(tmp_path, stories260k):
+    """Falcon-40B's architecture at a width a CPU trains, saved with stories260K's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = json.loads((stories260k.parent / "configs" / "falcon-40b" / "config.json").read_text())
@@ -243,6 +239,34 @@ def test_the_paper_recipe_on_a_two_layer_falcon_40b_trains_evaluates_and_exports
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config)).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(stories260k).save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.mark.parametrize("schedule", [
+    ["rank_schedule.distill=0.5", "rank_schedule.sandwich=true"],
+    ["rank_schedule.nested_ranks=powers"],
+    ["adapter.variant=dora", "rank_schedule.nested_ranks=powers", "rank_schedule.distill=0.5"],
+])
+def test_rank_schedule_options_train_the_paper_recipe_under_fp16_loss_scaling(
+        tmp_path, monkeypatch, stories260k, alpaca_1k, schedule):
+    """Distillation (a no-grad teacher forward under autocast), nested mixtures and the sandwich on the
+    fp16 + LayerNorm path: float32 LayerNorm output into the adapters, float16 logits, loss scaling."""
+    model_dir = _falcon_40b_2_layers(tmp_path, stories260k)
+    with gpu_semantics(monkeypatch, "fp16"):
+        assert qdylora("train", "+recipe=falcon40b_alpaca", f"model.name_or_path={model_dir}",
+                       f"run_dir={tmp_path / 'run'}", f"data.path={alpaca_1k}", "data.format=alpaca",
+                       "data.max_samples=64", "train.max_steps=2", "train.grad_accum=4", "train.eval_every=0",
+                       "train.save_every=0", *schedule) == 0
+    assert all(math.isfinite(m["loss"]) for m in _metrics(tmp_path / "run") if "loss" in m)
+
+
+def test_the_paper_recipe_on_a_two_layer_falcon_40b_trains_evaluates_and_exports(
+        tmp_path, monkeypatch, stories260k, alpaca_1k):
+    """`+recipe=falcon40b_alpaca` as on the paper's V100 (float16 weights, fp16 steps with loss scaling,
+    dropout, gradient checkpointing), on Falcon-40B's architecture (new decoder, 8 KV heads, parallel
+    attention, LayerNorm: float32 into the adapters under fp16) at a width a CPU trains; then eval and
+    export read the run with no recipe."""
+    model_dir = _falcon_40b_2_layers(tmp_path, stories260k)
     monkeypatch.chdir(tmp_path)
     with gpu_semantics(monkeypatch, "fp16"):
         assert qdylora("train", "+recipe=falcon40b_alpaca", f"model.name_or_path={model_dir}",
