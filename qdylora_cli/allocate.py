@@ -34,8 +34,8 @@ from qdylora_cli.allocation import Allocation, ModuleShape, allocation_params, r
 from qdylora_cli.config import AllocateConfig, TrainConfig, candidate_ranks
 from qdylora_cli.data import eval_batches, load_datasets, pad_token_id
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.evaluate import choice_losses
 from qdylora_cli.model import load_run_model
+from qdylora_cli.multirank import allocation_losses
 from qdylora_cli.rank_search import MeasuredLosses, SearchResult, search, smallest_within
 from qdylora_cli.rundir import ALLOCATE, atomic_dir, check_writable, load_run_config, note_if_training
 
@@ -224,7 +224,7 @@ def run(cfg: AllocateConfig) -> dict[str, Any]:
     search_batches, check_batches = eval_batches(search_examples, cfg.batch_size, pad), eval_batches(check_examples, cfg.batch_size, pad)
 
     def measure(allocations: list[Allocation]) -> list[float]:
-        return choice_losses(model, search_batches, allocations, ranks_per_pass=cfg.configs_per_pass, device=device)
+        return allocation_losses(model, search_batches, allocations, ranks_per_pass=cfg.configs_per_pass, device=device)
 
     start = time.perf_counter()
     losses = MeasuredLosses(shapes, measure)
@@ -232,7 +232,7 @@ def run(cfg: AllocateConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - start
 
     ranks = list(range(1, r_max + 1))
-    checked = choice_losses(model, check_batches, [result.allocation, *ranks], ranks_per_pass=cfg.configs_per_pass,
+    checked = allocation_losses(model, check_batches, [result.allocation, *ranks], ranks_per_pass=cfg.configs_per_pass,
                             device=device)
     uniform_rows = [{"rank": b, "params": allocation_params(shapes, uniform(shapes, b)), "loss": loss}
                     for b, loss in zip(ranks, checked[1:])]

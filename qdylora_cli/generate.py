@@ -26,7 +26,7 @@ from qdylora_cli.chat import ChatTemplate, find_turn_end, generation_prompt, res
 from qdylora_cli.config import DataConfig, GenerateConfig, is_chat, parse_rank_spec
 from qdylora_cli.data import format_prompt, is_corpus, read_json_records
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.evaluate import generate_at_ranks, load_run_or_export
+from qdylora_cli.multirank import generate_at_ranks, load_run_or_export
 from qdylora_cli.rundir import atomic_write_text, check_writable, load_eval_source, note_if_training
 from qdylora_cli.sampling import Sampling
 

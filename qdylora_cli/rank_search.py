@@ -5,7 +5,7 @@ and works in rounds around a reference allocation, first the largest uniform ran
 
 1. Sensitivity: for each module, the loss with that module alone one candidate rank lower and one
    higher, every other module at its reference rank: about 2·M allocations for M modules, several
-   per forward pass (each allocation gets one chunk of a repeated batch: `evaluate.choice_losses`).
+   per forward pass (each allocation gets one chunk of a repeated batch: `multirank.allocation_losses`).
 2. Knapsack: assuming the loss changes of different modules add up, choose a rank per module among
    those three that minimizes the summed change within the budget: an exact multiple-choice knapsack
    by dynamic programming over parameter counts. Changes do not quite add up (layers feed each

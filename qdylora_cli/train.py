@@ -67,7 +67,6 @@ from qdylora_cli.distributed import (
     optimizer_state,
 )
 from qdylora_cli.errors import Interrupted, QdyloraError, ResourceError, first_line, is_out_of_memory
-from qdylora_cli.evaluate import rank_losses
 from qdylora_cli.loss import distill_losses, loss_tokens, token_losses
 from qdylora_cli.model import (
     build_training_model,
@@ -77,6 +76,7 @@ from qdylora_cli.model import (
     load_tokenizer,
     save_base_model,
 )
+from qdylora_cli.multirank import rank_losses
 from qdylora_cli.progress import Reporter, trackers
 from qdylora_cli.rundir import (
     ADAPTER,

@@ -24,8 +24,8 @@ from transformers import LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from qdylora_cli.adapters import inject_adapters, iter_adapters  # noqa: E402
-from qdylora_cli.evaluate import rank_losses  # noqa: E402
 from qdylora_cli.loading import build_skeleton, fill_model, random_tensors  # noqa: E402
+from qdylora_cli.multirank import rank_losses  # noqa: E402
 
 R_MAX = 16
 SHAPES = {

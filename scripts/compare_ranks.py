@@ -200,8 +200,8 @@ def train_and_evaluate(job: tuple[argparse.Namespace, str, str, int]) -> dict:
     from qdylora_cli import train
     from qdylora_cli.cli import compose_config
     from qdylora_cli.data import eval_batches, load_datasets, pad_token_id
-    from qdylora_cli.evaluate import rank_losses
     from qdylora_cli.model import load_run_model
+    from qdylora_cli.multirank import rank_losses
 
     args, task, name, seed = job
     run_dir = args.work_dir / task / f"{name}-s{seed}"

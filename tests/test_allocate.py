@@ -320,7 +320,7 @@ def test_allocate_is_deterministic_respects_the_budget_and_writes_its_results(ti
     model, tokenizer, _ = load_run_model(tiny_run)
     from qdylora_cli.allocate import split_data
     from qdylora_cli.data import eval_batches, pad_token_id
-    from qdylora_cli.evaluate import choice_losses
+    from qdylora_cli.multirank import allocation_losses
     from qdylora_cli.rundir import load_run_config
 
     cfg = compose_config("allocate", [f"run_dir={tiny_run}", "budget=0.3", *FAST])
@@ -334,7 +334,7 @@ def test_allocate_is_deterministic_respects_the_budget_and_writes_its_results(ti
             total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
             count += int((labels != -100).sum())
     assert summary["loss"] == pytest.approx(total / count, rel=1e-5)
-    assert choice_losses(model, eval_batches(check, 8, pad_token_id(tokenizer)), [first])[0] == pytest.approx(summary["loss"])
+    assert allocation_losses(model, eval_batches(check, 8, pad_token_id(tokenizer)), [first])[0] == pytest.approx(summary["loss"])
 
 
 def test_allocate_with_a_tolerance_and_on_training_data(tiny_run):

@@ -22,8 +22,9 @@ from qdylora_cli.cli import compose_config
 from qdylora_cli.config import DataConfig
 from qdylora_cli.data import IGNORE_INDEX, load_datasets, packed_batch_order, split_indices
 from qdylora_cli.errors import QdyloraError
-from qdylora_cli.evaluate import generate_at_ranks, gsm8k_prediction
+from qdylora_cli.evaluate import gsm8k_prediction
 from qdylora_cli.model import load_run_model
+from qdylora_cli.multirank import generate_at_ranks
 from qdylora_cli.rundir import load_run_config
 from qdylora_cli.tiny import byte_tokenizer, tiny_instructions
 

@@ -21,7 +21,6 @@ from qdylora_cli.errors import QdyloraError
 from qdylora_cli.evaluate import (
     aurac,
     eval_dir,
-    generate_at_ranks,
     gsm8k_prediction,
     normalize_number,
     rank_figure,
@@ -29,6 +28,7 @@ from qdylora_cli.evaluate import (
 )
 from qdylora_cli.export import serving_note, vllm_max_lora_rank
 from qdylora_cli.model import load_run_model
+from qdylora_cli.multirank import generate_at_ranks
 from qdylora_cli.rundir import load_adapter
 
 
