@@ -233,7 +233,7 @@ def run(cfg: AllocateConfig) -> dict[str, Any]:
 
     ranks = list(range(1, r_max + 1))
     checked = allocation_losses(model, check_batches, [result.allocation, *ranks], ranks_per_pass=cfg.configs_per_pass,
-                            device=device)
+                                device=device)
     uniform_rows = [{"rank": b, "params": allocation_params(shapes, uniform(shapes, b)), "loss": loss}
                     for b, loss in zip(ranks, checked[1:])]
     summary = {

@@ -195,7 +195,7 @@ def task_scores(
                 answers = {r: [(t, gsm8k_prediction(t)) for t in texts[r]] for r in group}
             else:
                 picks = mcq_predictions(model, tokenizer, prompts, [e.n_choices for e in batch], group, device,
-                                           chat=turn_end is not None)
+                                        chat=turn_end is not None)
                 answers = {r: [(LETTERS[p], p) for p in picks[r]] for r in group}
             for r in group:
                 for e, (generated, predicted) in zip(batch, answers[r]):

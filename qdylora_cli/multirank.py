@@ -88,7 +88,7 @@ def rank_losses(
     return dict(zip(ranks, allocation_losses(model, batches, ranks, ranks_per_pass=ranks_per_pass, device=device)))
 
 
-# --- generation at several ranks
+# --- generation at several ranks -----------------------------------------------------------------------
 
 
 def _prompts_at_ranks(
@@ -153,7 +153,7 @@ def mcq_predictions(
     return picks
 
 
-# --- a run or an export
+# --- a run or an export --------------------------------------------------------------------------------
 
 
 def load_run_or_export(run_dir: Path, merged_rank: int | None, device: torch.device) -> tuple[Any, Any]:
