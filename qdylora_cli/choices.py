@@ -17,6 +17,7 @@ OPTIMIZERS = ("adamw",)
 RETIRED_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 STATE_BITS = (32, 8)  # bits per Adam moment value in RankAwareAdamW's state
 PAGED = ("auto", "true", "false")  # optimizer.paged; auto: on with CUDA
+COMPILE = ("auto", "true", "false")  # train.compile; auto: where it was measured to pay (compile.py)
 SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("bf16", "fp16", "no")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "none")

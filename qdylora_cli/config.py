@@ -25,6 +25,7 @@ from qdylora_cli.choices import (
     ADAPTER_MODES,
     ADAPTER_SCALES,
     ADAPTER_VARIANTS,
+    COMPILE,
     DATA_FORMATS,
     DTYPES,
     MIXED_PRECISION,
@@ -152,6 +153,7 @@ class LoopConfig:
     eval_batches: int = 20
     log_every: int = 10
     gradient_checkpointing: bool | None = None  # null: on with a GPU, off on a CPU
+    compile: str = "auto"  # auto, true or false: torch.compile the decoder layers (compile.py)
     max_grad_norm: float = 0.3
     max_bad_steps: int = 10
     mixed_precision: str = "auto"  # auto: from model.dtype
@@ -534,6 +536,8 @@ def validate_train(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if t.eval_ranks is not None:  # the same syntax as `eval rank=`; the training loop gets the list
         t.eval_ranks = parse_rank_spec(t.eval_ranks, a.r_max, key="train.eval_ranks")
     _choice("train.mixed_precision", t.mixed_precision, ("auto", *MIXED_PRECISION))
+    t.compile = str(t.compile).lower()
+    _choice("train.compile", t.compile, COMPILE)
     for tracker in t.report_to:
         _choice("train.report_to", tracker, TRACKERS)
     parse_threads("train.cpu_threads", t.cpu_threads)

@@ -49,6 +49,7 @@ from qdylora_cli.adapters import (
     set_rank,
     trained_slices,
 )
+from qdylora_cli.compile import compile_decoder_layers, resolve_compile
 from qdylora_cli.config import OptimizerConfig, TrainConfig, is_chat
 from qdylora_cli.data import (
     BatchStream,
@@ -410,6 +411,8 @@ def setup(cfg: TrainConfig, cleanup: ExitStack) -> Session:
         make_nf4_shardable(model)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if resolve_compile(t.compile, accelerator.device, fsdp):
+        compile_decoder_layers(model)
     if accelerator.device.type == "cpu":
         row = cfg.data.max_length if cfg.data.packing else int(batches.lengths.sum()) / len(batches.lengths)
         first = json.loads((resume_from / TRAINER_STATE).read_text()).get("cpu_threads") if resume_from else None

@@ -5,7 +5,7 @@
 
 For each task of scripts/compare_ranks.py (stories260K → tinyshakespeare, stories260K → alpaca_1k;
 the same overrides: r_max 16, 300 steps, lr 3e-3, batch 8, float32) one run is trained with
-`qdylora train`'s defaults, then `qdylora allocate` runs at each budget. The allocation is searched
+`qdylora train`'s defaults (or those of another dynamic arm of compare_ranks.py, `--arm`), then `qdylora allocate` runs at each budget. The allocation is searched
 on the first half of the run's validation examples and checked on the second half; uniform ranks
 are measured on the same second half. The table compares the allocated adapter with the uniform rank
 whose parameter count is the smallest that is not below it, and with the uniform loss interpolated
@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # run from a checkout; compare_ranks.py beside this file
 
-from compare_ranks import TASKS, base_overrides  # noqa: E402
+from compare_ranks import ARMS, TASKS, base_overrides  # noqa: E402
 
 FULL = dict(steps=300, budgets="0.125,0.25,0.5", tasks="shakespeare,alpaca", search_examples=64, seeds="0,1,2")
 QUICK = dict(steps=10, budgets="0.25", tasks="shakespeare", search_examples=8, seeds="0")
@@ -39,8 +39,9 @@ def train_run(args: argparse.Namespace, task: str, seed: int) -> Path:
     from qdylora_cli import train
     from qdylora_cli.cli import compose_config
 
-    run_dir = args.work_dir / task / f"default-s{seed}"
-    overrides = base_overrides(args, task, run_dir, seed, args.steps)
+    arm = ARMS[args.arm]
+    run_dir = args.work_dir / task / f"{arm.name}-s{seed}"
+    overrides = base_overrides(args, task, run_dir, seed, round(args.steps * arm.steps_share)) + list(arm.overrides)
     if args.quick:
         overrides.append("data.max_samples=64")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", help="comma-separated shares of the r_max adapter's parameters")
     p.add_argument("--seeds", help="comma-separated training seeds (default 0,1,2; 0 with --quick)")
     p.add_argument("--steps", type=int)
+    p.add_argument("--arm", default="default", choices=[a for a in ARMS if ARMS[a].rank is None],
+                   help="the dynamic-rank arm of scripts/compare_ranks.py that trains the run (default: the defaults)")
     p.add_argument("--search-examples", type=int)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--scheduler", default="constant")

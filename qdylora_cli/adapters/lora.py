@@ -194,7 +194,8 @@ class DynamicRankLoRA(nn.Module):
                 w = base_weight(base)
                 self.magnitude = nn.Parameter(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32))
         self._rank: Rank = r_max
-        self.nested: NestedRanks | None = None
+        self._nested: NestedRanks | None = None
+        self._static: _RankTensors | None = None  # set by `use_static_shapes`
 
     @property
     def rank(self) -> Rank:
@@ -203,6 +204,35 @@ class DynamicRankLoRA(nn.Module):
     @rank.setter
     def rank(self, value: Rank) -> None:
         self._rank = check_rank(value, self.r_max)
+        self._refresh_static()
+
+    @property
+    def nested(self) -> NestedRanks | None:
+        return self._nested
+
+    @nested.setter
+    def nested(self, value: NestedRanks | None) -> None:
+        self._nested = value
+        self._refresh_static()
+
+    def use_static_shapes(self, on: bool = True) -> None:
+        """Compute every rank at r_max's shapes, the ranks given as tensors (column scales, the trained
+        slice, rank 0) made when the rank is set. For `torch.compile`: a rank read as a Python int in
+        forward is a guard, and each new rank would compile the layer again. The values are those of the
+        plain path (columns above a row's rank weigh 0); the matmuls are r_max wide whatever the rank."""
+        self._static = _RankTensors() if on else None
+        self._refresh_static()
+
+    def _refresh_static(self) -> None:
+        if self._static is None:
+            return
+        ranks = self._rank if isinstance(self._rank, tuple) else (self._rank,)
+        device = self.lora_A.device
+        self._static.columns = self._plain_columns(ranks, self.r_max)
+        self._static.mixed = None if self._nested is None else torch.tensor(
+            [self._nested.columns(b, self.rank_scale, self.r_max) for b in ranks], device=device)
+        self._static.slices = self._slice_columns(ranks, self.r_max) if self.mode == "frozen" else None
+        self._static.off = torch.tensor(ranks, device=device)[:, None] == 0
 
     def rank_scale(self, b: int) -> float:
         return rank_scale(self.scale, self.alpha, self.r_max, b)
@@ -213,22 +243,43 @@ class DynamicRankLoRA(nn.Module):
         return self.nested is not None and self.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._static is not None:  # nothing here reads the rank as a Python value (use_static_shapes)
+            t = self._static
+            columns = t.mixed if self.mixing else t.columns
+            return self._adapted(x, self.r_max, columns, t.slices, t.off, lambda w: self._dora_column_norms(w, columns))
         ranks = self._rank if isinstance(self._rank, tuple) else (self._rank,)
         top = max(ranks)
         if top == 0:
             return self.base(x)
-        delta = self._delta(x, ranks, top)
+        columns = self._rank_columns(ranks, top) if len(ranks) > 1 or self.mixing else None
+        slices = self._slice_columns(ranks, top) if self.mode == "frozen" else None
+        off = torch.tensor(ranks, device=x.device)[:, None] == 0 if 0 in ranks else None
+
+        def norms(weight: torch.Tensor) -> torch.Tensor:
+            if self.mixing:  # the norm of the weight the mixture applies, W + B·diag(P)·A
+                return self._dora_column_norms(weight, columns)
+            return self._dora_norms(weight, ranks, top)
+
+        return self._adapted(x, top, columns, slices, off, norms)
+
+    def _adapted(self, x: torch.Tensor, top: int, columns: torch.Tensor | None, slices: torch.Tensor | None,
+                 off: torch.Tensor | None, norms: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The layer's output with its update over the first `top` slices: `columns` (k, top) the scale of
+        each column per chunk (None: s(top) on all), `slices` (mode frozen) the column each chunk trains,
+        `off` (k, 1) the chunks at rank 0 (None: none), `norms` DoRA's row norms of the adapted weight."""
+        delta = self._delta(x, top, columns, slices)
         if self.variant == "dora":
-            return self._dora(x, delta, ranks, top)
+            return self._dora(x, delta, norms, off)
         y = self.base(x)
         return y + delta.to(y.dtype)
 
-    def _delta(self, x: torch.Tensor, ranks: tuple[int, ...], top: int) -> torch.Tensor:
+    def _delta(self, x: torch.Tensor, top: int, columns: torch.Tensor | None,
+               trained: torch.Tensor | None) -> torch.Tensor:
         """The low-rank update `s(b)·dropout(x)·A[:b]ᵀ·B[:, :b]ᵀ`, each chunk at its own rank b.
 
         All ranks share one pair of matmuls at the largest rank `top`: chunk i keeps the first
-        ranks[i] columns of the inner product, scaled by s(ranks[i]). Factors are cast to the
-        activations' dtype, not x to float32, so backward saves no float32 copy of x.
+        ranks[i] columns of the inner product, scaled by s(ranks[i]) (`columns`). Factors are cast to
+        the activations' dtype, not x to float32, so backward saves no float32 copy of x.
         """
         A, B = self.lora_A[:top].to(x.dtype), self.lora_B[:, :top].to(x.dtype)
         keep = None
@@ -236,9 +287,8 @@ class DynamicRankLoRA(nn.Module):
             keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout)
         frozen = self.mode == "frozen" and torch.is_grad_enabled()
         h = _dropout_linear(x, A.detach() if frozen else A, keep, self.dropout)
-        columns = self._rank_columns(ranks, top) if len(ranks) > 1 or self.mixing else None
         if frozen:  # gradient to A only through column b-1 of a rank-b chunk (the value is unchanged)
-            trained = self._slice_columns(ranks, top).to(h.dtype)
+            trained = trained.to(h.dtype)
             h_a = _dropout_linear(x.detach(), A, keep, self.dropout)
             h = h + _per_row(h_a - h_a.detach(), trained)
         h = h * self.rank_scale(top) if columns is None else _per_row(h, columns)
@@ -254,6 +304,9 @@ class DynamicRankLoRA(nn.Module):
         if self.mixing:
             rows = [self.nested.columns(b, self.rank_scale, top) for b in ranks]
             return torch.tensor(rows, dtype=torch.float32, device=self.lora_A.device)
+        return self._plain_columns(ranks, top)
+
+    def _plain_columns(self, ranks: tuple[int, ...], top: int) -> torch.Tensor:
         cols = torch.arange(top, device=self.lora_A.device)
         b = torch.tensor(ranks, device=cols.device)
         scales = torch.tensor([self.rank_scale(r) if r else 0.0 for r in ranks], device=cols.device)
@@ -264,20 +317,17 @@ class DynamicRankLoRA(nn.Module):
         cols = torch.arange(top, device=self.lora_A.device)
         return (cols == torch.tensor(ranks, device=cols.device)[:, None] - 1).float()
 
-    def _dora(self, x: torch.Tensor, delta: torch.Tensor, ranks: tuple[int, ...], top: int) -> torch.Tensor:
+    def _dora(self, x: torch.Tensor, delta: torch.Tensor, norms: Callable[[torch.Tensor], torch.Tensor],
+              off: torch.Tensor | None) -> torch.Tensor:
         """`m ⊙ (W + s·BA)/‖W + s·BA‖_row` applied to x, bias added after the rescaling.
 
         Uses `(m/n) ⊙ (x·Wᵀ + delta)` so the adapted weight is never materialised. The base's
         output already contains the bias, hence `+ (1 - m/n) ⊙ bias` to leave the bias unscaled.
         """
         weight = base_weight(self.base)
-        if self.mixing:  # the norm of the weight the mixture applies, W + B·diag(P)·A
-            norms = self._dora_column_norms(weight, self._rank_columns(ranks, top))
-        else:
-            norms = self._dora_norms(weight, ranks, top)
-        scale = self.magnitude / norms  # (k, out); the norm is a constant in backward (DoRA §4.3)
-        if 0 in ranks:  # adapters off: the base output, whatever the magnitude has learnt
-            scale = torch.where(torch.tensor(ranks, device=scale.device)[:, None] == 0, 1.0, scale)
+        scale = self.magnitude / norms(weight)  # (k, out); the norm is a constant in backward (DoRA §4.3)
+        if off is not None:  # adapters off: the base output, whatever the magnitude has learnt
+            scale = torch.where(off, 1.0, scale)
         y = _base_forward(self.base, x, weight)
         y = y + delta.to(y.dtype)
         out = _per_row(y, scale)
@@ -378,6 +428,16 @@ class DynamicRankLoRA(nn.Module):
         nested = "" if self.nested is None else f", nested={list(self.nested.ranks)}/{self.nested.weight}"
         return (f"r_max={self.r_max}, alpha={self.alpha}, scale={self.scale}, mode={self.mode}, "
                 f"variant={self.variant}, rank={self._rank}{nested}")
+
+
+@dataclass
+class _RankTensors:
+    """A layer's ranks as tensors, one row per chunk (`DynamicRankLoRA.use_static_shapes`)."""
+
+    columns: torch.Tensor | None = None  # (k, r_max) float32: s(b) on the first b columns
+    mixed: torch.Tensor | None = None  # (k, r_max): the nested mixture's column weights, when one is set
+    slices: torch.Tensor | None = None  # (k, r_max): 1 at column b-1 (mode frozen)
+    off: torch.Tensor | None = None  # (k, 1) bool: rank 0
 
 
 def _dropout_linear(x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:

@@ -125,9 +125,7 @@ class _NF4Matmul(torch.autograd.Function):
             shape=state.shape, dtype=state.dtype, blocksize=state.blocksize, nested_offset=state.nested_offset
         )
         ctx.has_bias = bias is not None
-        if weight is None:
-            return _linear(x, state, bias)
-        return F.linear(x, weight.to(x.dtype), bias)
+        return _forward(x, bias, weight, state)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -139,6 +137,76 @@ class _NF4Matmul(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None
+
+
+def _forward(x: Tensor, bias: Tensor | None, weight: Tensor | None, state: NF4State) -> Tensor:
+    return _linear(x, state, bias) if weight is None else F.linear(x, weight.to(x.dtype), bias)
+
+
+# The same matmul as one opaque operator, for torch.compile: traced, the dequantization would be a few
+# hundred unrolled ops per layer for Inductor to compile (minutes on CPU), to run no faster than these
+# loops. Eager training and `qdylora plan` keep `_NF4Matmul`, whose dequantized weight plan's fake
+# tensors count (an opaque operator shows its output only). The offset of double quantization is a
+# tensor here: a float read from the layer would be a guard, and every layer has its own.
+@torch.library.custom_op("qdylora::nf4_linear", mutates_args=())
+def _nf4_linear(x: Tensor, bias: Tensor | None, weight: Tensor | None, packed: Tensor, absmax: Tensor,
+                nested_absmax: Tensor | None, nested_offset: Tensor | None, out_features: int, in_features: int,
+                weight_dtype: torch.dtype, blocksize: int) -> Tensor:
+    state = NF4State(packed, absmax, torch.Size((out_features, in_features)), weight_dtype, blocksize, nested_absmax,
+                     nested_offset)
+    return _forward(x, bias, weight, state)
+
+
+@_nf4_linear.register_fake
+def _(x, bias, weight, packed, absmax, nested_absmax, nested_offset, out_features, in_features, weight_dtype,
+      blocksize):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("qdylora::nf4_grad_input", mutates_args=())
+def _nf4_grad_input(grad_out: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
+                    nested_offset: Tensor | None, out_features: int, in_features: int, weight_dtype: torch.dtype,
+                    blocksize: int) -> Tensor:
+    state = NF4State(packed, absmax, torch.Size((out_features, in_features)), weight_dtype, blocksize, nested_absmax,
+                     nested_offset)
+    return _grad_input(grad_out, state)
+
+
+@_nf4_grad_input.register_fake
+def _(grad_out, packed, absmax, nested_absmax, nested_offset, out_features, in_features, weight_dtype, blocksize):
+    return grad_out.new_empty(*grad_out.shape[:-1], in_features)
+
+
+@torch.library.custom_op("qdylora::nf4_dequantize", mutates_args=())
+def _nf4_dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_offset: Tensor | None,
+                    out_features: int, in_features: int, weight_dtype: torch.dtype, blocksize: int,
+                    dtype: torch.dtype) -> Tensor:
+    state = NF4State(packed, absmax, torch.Size((out_features, in_features)), weight_dtype, blocksize, nested_absmax,
+                     nested_offset)
+    return dequantize_nf4(state, dtype)
+
+
+@_nf4_dequantize.register_fake
+def _(packed, absmax, nested_absmax, nested_offset, out_features, in_features, weight_dtype, blocksize, dtype):
+    return packed.new_empty(out_features, in_features, dtype=dtype)
+
+
+def _setup_nf4_linear(ctx, inputs, output):
+    x, bias, _, packed, absmax, nested_absmax, nested_offset, *layout = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_offset)
+    ctx.layout, ctx.has_bias = layout, bias is not None
+
+
+def _backward_nf4_linear(ctx, grad_out):
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _nf4_grad_input(grad_out, *ctx.saved_tensors, *ctx.layout)
+    if ctx.has_bias and ctx.needs_input_grad[1]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, grad_bias, *[None] * 9
+
+
+_nf4_linear.register_autograd(_backward_nf4_linear, setup_context=_setup_nf4_linear)
 
 
 class NF4Linear(nn.Module):
@@ -162,7 +230,6 @@ class NF4Linear(nn.Module):
         self.compute_dtype = compute_dtype
         self.blocksize = blocksize
         self.weight_dtype = compute_dtype  # dtype the weight had when quantized (kept in the state dict)
-        self.nested_offset: float | None = 0.0 if double_quant else None
         # Non-persistent: the state dict is written and read by the two methods at the bottom.
         blocks = in_features * out_features // blocksize
         absmax_dtype = torch.uint8 if double_quant else torch.float32
@@ -173,6 +240,7 @@ class NF4Linear(nn.Module):
         )
         self.register_buffer("absmax", torch.zeros(blocks, dtype=absmax_dtype, device=device), False)
         self.register_buffer("nested_absmax", nested, False)
+        self.nested_offset = 0.0 if double_quant else None
         # float32 like bitsandbytes' bias, so a loaded bias keeps every bit.
         zeros = torch.zeros(out_features, dtype=torch.float32, device=device)
         frozen_bias = nn.Parameter(zeros, requires_grad=False) if bias else None
@@ -216,7 +284,14 @@ class NF4Linear(nn.Module):
 
     def dequantize(self) -> Tensor:
         """The weight, out_features × in_features, in compute_dtype."""
+        if torch.compiler.is_compiling():
+            return _nf4_dequantize(*self._op_args(), self.compute_dtype)
         return dequantize_nf4(self.state, self.compute_dtype)
+
+    def _op_args(self) -> tuple:
+        """The layer as the custom operators take it (see `_nf4_linear`)."""
+        return (self.weight, self.absmax, self.nested_absmax, self._offset, self.out_features, self.in_features,
+                self.weight_dtype, self.blocksize)
 
     def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """x · Wᵀ + b computed in compute_dtype, returned in x's dtype.
@@ -229,7 +304,12 @@ class NF4Linear(nn.Module):
                 "NF4Linear.forward(weight=...) takes the frozen dequantized weight; it gets no gradient"
             )
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _NF4Matmul.apply(x.to(self.compute_dtype), bias, weight, self.state).to(x.dtype)
+        x_c = x.to(self.compute_dtype)
+        if torch.compiler.is_compiling():
+            out = _nf4_linear(x_c, bias, weight, *self._op_args())
+        else:
+            out = _NF4Matmul.apply(x_c, bias, weight, self.state)
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         nested = "double_quant" if self.nested_absmax is not None else "single_quant"
@@ -237,6 +317,16 @@ class NF4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"compute_dtype={self.compute_dtype}, blocksize={self.blocksize}, {nested}"
         )
+
+    @property
+    def nested_offset(self) -> float | None:
+        return self._nested_offset
+
+    @nested_offset.setter
+    def nested_offset(self, value: float | None) -> None:
+        self._nested_offset = value
+        # The same value as a tensor for the compiled path (not a buffer: it is not in the state dict).
+        self._offset = None if value is None else torch.tensor(value, dtype=torch.float32, device=self.absmax.device)
 
     def _set_state(self, state: NF4State) -> None:
         self.weight, self.absmax, self.nested_absmax = state.packed, state.absmax, state.nested_absmax
@@ -255,6 +345,8 @@ class NF4Linear(nn.Module):
             after = getattr(self, name)
             if after is not None and after.dtype != before.dtype:
                 setattr(self, name, before.to(after.device))
+        if self._offset is not None:
+            self._offset = self._offset.to(self.absmax.device)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -109,7 +109,8 @@ class NF4State:
     dtype: torch.dtype  # dtype of the original weight; what `dequantize_nf4` returns by default
     blocksize: int = 64
     nested_absmax: Tensor | None = None  # float32 [ceil(blocks / 256)]: one scale per 256 absmax codes
-    nested_offset: float | None = None  # mean of the block absmax values, subtracted before the 8-bit pass
+    # The mean of the block absmax values, subtracted before the 8-bit pass (a 0-d tensor in compiled code).
+    nested_offset: float | Tensor | None = None
 
     @property
     def double_quant(self) -> bool:
