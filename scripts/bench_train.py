@@ -4,6 +4,7 @@
     python scripts/bench_train.py --tiny                # small shapes on CPU: a smoke test
     python scripts/bench_train.py --dora                # DoRA on both sides
     python scripts/bench_train.py --seqs 512 --steps 20 --no-gradient-checkpointing
+    python scripts/bench_train.py --systems qdylora,qdylora+compile,qdylora+full_loss,peft
 
 The model has Llama-2-7B's shape with random weights, generated and quantized to NF4 one tensor
 at a time on the device (loading.fill_model), so a float copy of the model never exists. The PEFT
@@ -15,7 +16,9 @@ compute dtype, adapters in float32 under autocast, gradient checkpointing, grad-
 0.3, micro-batches of 1 with `--grad-accum` of them per optimizer step (QLoRA's settings). qdylora
 trains as `qdylora train` does by default (conf/train.yaml: mode, scale, rank schedule and ranks per
 step, each step's ranks shared among its micro-batches) with its rank-aware AdamW; PEFT uses
-torch's AdamW (foreach) at r = r_max. Reported: tokens/s over the timed steps after warm-up, and the
+torch's AdamW (foreach) at r = r_max. qdylora's loss is train's (loss.py: chunked float32 cross-entropy);
+`qdylora+full_loss` uses the model's own (float32 logits and softmax whole), `qdylora+compile` compiles
+the decoder layers as `train.compile=true` does (the first steps, compiling, are the warm-up). Reported: tokens/s over the timed steps after warm-up, and the
 peak memory of the whole training step (weights included): CUDA allocator peak on a GPU, process
 RSS peak on the CPU.
 """
@@ -44,8 +47,10 @@ from qdylora_cli.adapters import (  # noqa: E402
     set_rank,
     trained_slices,
 )
+from qdylora_cli.compile import compile_decoder_layers  # noqa: E402
 from qdylora_cli.config import AdapterConfig, OptimizerConfig, RankScheduleConfig  # noqa: E402
 from qdylora_cli.loading import build_skeleton, fill_model, random_tensors  # noqa: E402
+from qdylora_cli.loss import token_losses  # noqa: E402
 from qdylora_cli.model import enable_gradient_checkpointing  # noqa: E402
 from qdylora_cli.quant import NF4Linear, import_bitsandbytes  # noqa: E402
 from qdylora_cli.train import build_optimizer  # noqa: E402
@@ -157,11 +162,12 @@ def train_steps(
     grad_accum: int = 1,
     optimizer: torch.optim.Optimizer | None = None,
     ranks_of_step: Callable[[], list] | None = None,
+    chunked_loss: bool = False,
 ) -> float:
     """Run warm-up + timed optimizer steps on random tokens; the timed steps' tokens per second.
 
     `ranks_of_step()`, called before each step, sets up qdylora's ranks and returns the rank of
-    each micro-batch; `optimizer` defaults to torch's AdamW.
+    each micro-batch; `optimizer` defaults to torch's AdamW; `chunked_loss`: train's loss instead of the model's.
     """
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -182,7 +188,12 @@ def train_steps(
                 set_rank(model, plan[micro])
             ids = torch.randint(0, vocab, (batch, seq), device=device, generator=generator)
             with autocast:
-                loss = model(input_ids=ids, labels=ids).loss / grad_accum
+                if chunked_loss:
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    loss = token_losses(logits, ids).sum() / (ids[:, 1:].numel() * grad_accum)
+                    del logits
+                else:
+                    loss = model(input_ids=ids, labels=ids).loss / grad_accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
@@ -213,14 +224,18 @@ def measure(system: str, args: argparse.Namespace, config: PretrainedConfig, seq
     memory = PeakMemory(device)
     memory.start()
     optimizer, ranks_of_step = None, None
-    if system == "qdylora":
+    name, *options = system.split("+")
+    if name == "qdylora":
         model = qdylora_model(config, device, dtype, args.r_max, dora=args.dora)
         optimizer, ranks_of_step = qdylora_schedule(model, args.r_max, args.grad_accum, args.batch)
+        if "compile" in options:
+            compile_decoder_layers(model)
     else:
         model = peft_model(config, device, dtype, args.r_max, dora=args.dora)
     tokens_per_s = train_steps(model, device=device, dtype=dtype, seq=seq, batch=args.batch, steps=args.steps,
                                warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
-                               grad_accum=args.grad_accum, optimizer=optimizer, ranks_of_step=ranks_of_step)
+                               grad_accum=args.grad_accum, optimizer=optimizer, ranks_of_step=ranks_of_step,
+                               chunked_loss=name == "qdylora" and "full_loss" not in options)
     result = {"tokens_per_s": tokens_per_s, "peak_bytes": memory.peak_bytes()}
     del model, optimizer, ranks_of_step
     gc.collect()
@@ -236,7 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--r-max", type=int, default=None, help="qdylora r_max = PEFT r (default 64; tiny 8)")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 10; tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
-    parser.add_argument("--systems", default="qdylora,peft", help="which of qdylora,peft to run")
+    parser.add_argument("--systems", default="qdylora,peft",
+                        help="which of qdylora, qdylora+compile, qdylora+full_loss, peft to run")
     parser.add_argument("--dora", action="store_true", help="DoRA on both sides (PEFT's use_dora)")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     args = parser.parse_args(argv)
@@ -248,6 +264,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (2 if tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
     args.systems = args.systems.split(",")
+    known = {"qdylora", "qdylora+compile", "qdylora+full_loss", "peft"}
+    if unknown := [x for x in args.systems if x not in known]:
+        parser.error(f"--systems: unknown {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
     if tiny:
         # Tiny matmuls gain nothing from threads, and on a busy machine OpenMP barriers waiting for a
         # descheduled thread cost milliseconds per op: one thread gives stable numbers.
@@ -284,11 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         for system in args.systems:
             r = results[seq, system] = measure(system, args, config, seq)
             print(f"| {seq} | {system} | {r['tokens_per_s']:,.0f} | {r['peak_bytes'] / scale:.2f} |", flush=True)
-    if {"qdylora", "peft"} <= set(args.systems):
+    for other in [x for x in args.systems if x != "qdylora"]:
+        if "qdylora" not in args.systems:
+            break
         for seq in args.seqs:
-            q, p = results[seq, "qdylora"], results[seq, "peft"]
-            memory = f"{q['peak_bytes'] / p['peak_bytes']:.2f}x" if p["peak_bytes"] > 0 else "n/a (PEFT's is 0)"
-            print(f"seq {seq}: qdylora/peft tokens/s {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, peak memory {memory}")
+            q, p = results[seq, "qdylora"], results[seq, other]
+            memory = f"{q['peak_bytes'] / p['peak_bytes']:.2f}x" if p["peak_bytes"] > 0 else f"n/a ({other}'s is 0)"
+            print(f"seq {seq}: qdylora/{other} tokens/s {q['tokens_per_s'] / p['tokens_per_s']:.2f}x, peak memory {memory}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ run() {  # NAME SECONDS COMMAND...: one benchmark, its output to the screen and 
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
 
-run plan_check 120 python3 scripts/check_plan.py  # qdylora plan against the allocator
-run train_512 120 python3 scripts/bench_train.py --seqs 512 --steps 5 --warmup 2
-run train_2048 90 python3 scripts/bench_train.py --seqs 2048 --steps 3 --warmup 1
-run falcon40b 100 python3 scripts/bench_falcon40b_memory.py --steps 3
-run eval_sweep 60 python3 scripts/bench_eval.py
+run plan_check 110 python3 scripts/check_plan.py  # qdylora plan against the allocator
+run train_512 80 python3 scripts/bench_train.py --seqs 512 --steps 3 --warmup 1
+# train.compile and the chunked loss against the model's own: the warm-up steps are the compiling ones
+run train_2048 150 python3 scripts/bench_train.py --seqs 2048 --steps 3 --warmup 2 \
+  --systems qdylora,peft,qdylora+compile,qdylora+full_loss
+run falcon40b 90 python3 scripts/bench_falcon40b_memory.py --steps 3
+run eval_sweep 50 python3 scripts/bench_eval.py
