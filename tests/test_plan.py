@@ -5,13 +5,17 @@ import re
 from dataclasses import replace
 
 import pytest
+import torch.nn.functional as F
+from conftest import SHARED
 from runners import qdylora
 
 from qdylora_cli import plan
 from qdylora_cli.cli import compose_config
 from qdylora_cli.data import max_sequence_length
+from qdylora_cli.datacache import IGNORE_INDEX
 
 MIB = 1 << 20
+CONFIGS = SHARED / "models" / "configs"
 
 
 def _planned(*overrides: str, gpu: str = "24") -> tuple:
@@ -128,3 +132,25 @@ def test_distillation_counts_the_teacher_s_logits_through_backward():
     taught = replace(cfg, rank_schedule=replace(cfg.rank_schedule, distill=0.5))
     extra = plan.measure(taught, config, length).peaks["backward"][0] - plain.peaks["backward"][0]
     assert extra >= 3 * length * config.vocab_size * 4  # at least the teacher's float32 logits
+
+
+def test_the_chunked_loss_saves_the_float32_logits_at_llama_3_8b_shape(monkeypatch):
+    """At Llama 3's 128k vocabulary and 2048 tokens, F.cross_entropy over whole logits keeps their float32
+    copy and its softmax (1 GiB each); train's chunked loss never holds either. Two layers: the loss does
+    not depend on depth (docs/performance.md has the full-depth peaks)."""
+    if not (CONFIGS / "llama-3.1-8b").is_dir():
+        pytest.skip(f"{CONFIGS} is absent (the ../shared folder beside the checkout holds it)")
+    cfg, config, _ = _planned("+recipe=llama3_8b_alpaca", f"model.name_or_path={CONFIGS / 'llama-3.1-8b'}",
+                              "data.packing=true", "data.max_length=2048", "train.batch_size=1", gpu="h100-80gb")
+    config = plan.with_depth(config, 2)
+    chunked = plan.measure(cfg, config, 2048).peak[0]
+
+    def whole(logits, labels):
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="none").view(labels.shape)
+
+    monkeypatch.setattr(plan, "token_losses", whole)
+    full = plan.measure(cfg, config, 2048).peak[0]
+    float32_logits = 2048 * config.vocab_size * 4
+    assert full - chunked >= 1.5 * float32_logits, (full - chunked) / 2**30
