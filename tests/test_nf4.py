@@ -68,9 +68,10 @@ def assert_matches_bnb(w: torch.Tensor, double_quant: bool, blocksize: int = 64)
     if blocksize >= 2048:
         return state  # bnb's CPU dequantize hands these to a torch.compile'd fallback: too slow for a test
     expected = bnb_dequantize(packed, qs)
-    assert_bits_equal(dequantize_nf4(state), expected)
+    assert_bits_equal(dequantize_nf4(state, backend="torch"), expected)
     assert_bits_equal(dequantize_nf4(state, backend="bnb"), expected)
     for dtype in DTYPES:  # straight to another dtype: one rounding, as bnb's matmul does
+        assert_bits_equal(dequantize_nf4(state, dtype, backend="torch"), bnb_dequantize(packed, qs, dtype))
         assert_bits_equal(dequantize_nf4(state, dtype), bnb_dequantize(packed, qs, dtype))
     return state
 

@@ -215,12 +215,12 @@ class DynamicRankLoRA(nn.Module):
         self._nested = value
         self._refresh_static()
 
-    def use_static_shapes(self, on: bool = True) -> None:
+    def use_static_shapes(self) -> None:
         """Compute every rank at r_max's shapes, the ranks given as tensors (column scales, the trained
         slice, rank 0) made when the rank is set. For `torch.compile`: a rank read as a Python int in
         forward is a guard, and each new rank would compile the layer again. The values are those of the
         plain path (columns above a row's rank weigh 0); the matmuls are r_max wide whatever the rank."""
-        self._static = _RankTensors() if on else None
+        self._static = _RankTensors()
         self._refresh_static()
 
     def _refresh_static(self) -> None:
