@@ -148,13 +148,19 @@ def _forward(x: Tensor, bias: Tensor | None, weight: Tensor | None, state: NF4St
 # loops. Eager training and `qdylora plan` keep `_NF4Matmul`, whose dequantized weight plan's fake
 # tensors count (an opaque operator shows its output only). The offset of double quantization is a
 # tensor here: a float read from the layer would be a guard, and every layer has its own.
+def _op_state(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_offset: Tensor | None,
+              out_features: int, in_features: int, weight_dtype: torch.dtype, blocksize: int) -> NF4State:
+    """The NF4State of an operator's arguments (`NF4Linear._op_args`)."""
+    return NF4State(packed, absmax, torch.Size((out_features, in_features)), weight_dtype, blocksize, nested_absmax,
+                    nested_offset)
+
+
 @torch.library.custom_op("qdylora::nf4_linear", mutates_args=())
 def _nf4_linear(x: Tensor, bias: Tensor | None, weight: Tensor | None, packed: Tensor, absmax: Tensor,
                 nested_absmax: Tensor | None, nested_offset: Tensor | None, out_features: int, in_features: int,
                 weight_dtype: torch.dtype, blocksize: int) -> Tensor:
-    state = NF4State(packed, absmax, torch.Size((out_features, in_features)), weight_dtype, blocksize, nested_absmax,
-                     nested_offset)
-    return _forward(x, bias, weight, state)
+    return _forward(x, bias, weight, _op_state(packed, absmax, nested_absmax, nested_offset, out_features,
+                                               in_features, weight_dtype, blocksize))
 
 
 @_nf4_linear.register_fake
@@ -167,9 +173,8 @@ def _(x, bias, weight, packed, absmax, nested_absmax, nested_offset, out_feature
 def _nf4_grad_input(grad_out: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
                     nested_offset: Tensor | None, out_features: int, in_features: int, weight_dtype: torch.dtype,
                     blocksize: int) -> Tensor:
-    state = NF4State(packed, absmax, torch.Size((out_features, in_features)), weight_dtype, blocksize, nested_absmax,
-                     nested_offset)
-    return _grad_input(grad_out, state)
+    return _grad_input(grad_out, _op_state(packed, absmax, nested_absmax, nested_offset, out_features, in_features,
+                                           weight_dtype, blocksize))
 
 
 @_nf4_grad_input.register_fake
@@ -181,9 +186,8 @@ def _(grad_out, packed, absmax, nested_absmax, nested_offset, out_features, in_f
 def _nf4_dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_offset: Tensor | None,
                     out_features: int, in_features: int, weight_dtype: torch.dtype, blocksize: int,
                     dtype: torch.dtype) -> Tensor:
-    state = NF4State(packed, absmax, torch.Size((out_features, in_features)), weight_dtype, blocksize, nested_absmax,
-                     nested_offset)
-    return dequantize_nf4(state, dtype)
+    return dequantize_nf4(_op_state(packed, absmax, nested_absmax, nested_offset, out_features, in_features,
+                                    weight_dtype, blocksize), dtype)
 
 
 @_nf4_dequantize.register_fake
