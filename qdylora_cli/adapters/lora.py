@@ -253,7 +253,8 @@ class DynamicRankLoRA(nn.Module):
             return self.base(x)
         columns = self._rank_columns(ranks, top) if len(ranks) > 1 or self.mixing else None
         slices = self._slice_columns(ranks, top) if self.mode == "frozen" else None
-        off = torch.tensor(ranks, device=x.device)[:, None] == 0 if 0 in ranks else None
+        dora_off = self.variant == "dora" and 0 in ranks  # only DoRA reads it: its rank-0 chunks keep the base
+        off = torch.tensor(ranks, device=x.device)[:, None] == 0 if dora_off else None
 
         def norms(weight: torch.Tensor) -> torch.Tensor:
             if self.mixing:  # the norm of the weight the mixture applies, W + B·diag(P)·A
